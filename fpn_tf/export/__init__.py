@@ -1,0 +1,1 @@
+"""fpn_tf.export."""
