@@ -114,6 +114,9 @@ class RoIHeadConfig:
     score_threshold: float = 0.05
     nms_iou: float = 0.5
     detections_per_image: int = 100
+    # Per-class NMS runs on the best this-many (box, class) candidates per image:
+    # a fixed cost for static shapes; torchvision keeps all above the threshold.
+    detection_pre_nms_topk: int = 5000
 
 
 @dataclass
