@@ -1,0 +1,66 @@
+"""Batch normalisation with fixed statistics and affine parameters.
+
+Detection backbones are fine-tuned with batches of 1–2 images per device, too few
+for batch statistics, so the ImageNet statistics are frozen (Detectron2's and
+torchvision's ``FrozenBatchNorm2d``). Unlike ``keras.layers.BatchNormalization``
+with ``trainable=False``, all four weights here are always non-trainable and the
+layer behaves the same in training and inference.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="fpn_tf")
+class FrozenBatchNorm(keras.layers.Layer):
+    """``y = (x - moving_mean) / sqrt(moving_variance + epsilon) * gamma + beta``.
+
+    Computed as one fused per-channel ``x * scale + shift``. The four weights,
+    named ``gamma``, ``beta``, ``moving_mean`` and ``moving_variance`` (as in
+    ``keras.layers.BatchNormalization``, so either layer loads the other's
+    weights), are non-trainable float32 vectors of length C. They are initialised
+    to the identity transform (1, 0, 0, 1).
+
+    Args:
+      epsilon: added to the variance; 1e-5 is PyTorch's default (torchvision's
+        COCO detection weights were trained with 0.0).
+
+    Input: ``[..., C]`` float (channels last). Output: same shape and dtype.
+    """
+
+    def __init__(self, epsilon: float = 1e-5, **kwargs):
+        super().__init__(**kwargs)
+        if epsilon < 0:
+            raise ValueError(f"FrozenBatchNorm epsilon must be >= 0, got {epsilon}")
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels is None:
+            raise ValueError(f"FrozenBatchNorm needs a known channel count, got input shape {input_shape}")
+        for name, init in (
+            ("gamma", "ones"),
+            ("beta", "zeros"),
+            ("moving_mean", "zeros"),
+            ("moving_variance", "ones"),
+        ):
+            setattr(
+                self,
+                name,
+                self.add_weight(name=name, shape=(channels,), initializer=init, trainable=False),
+            )
+
+    def call(self, inputs):
+        scale = self.gamma * ops.rsqrt(self.moving_variance + self.epsilon)
+        shift = self.beta - self.moving_mean * scale
+        return inputs * ops.cast(scale, inputs.dtype) + ops.cast(shift, inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config["epsilon"] = self.epsilon
+        return config
