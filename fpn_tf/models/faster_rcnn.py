@@ -23,6 +23,7 @@ from fpn_tf.layers.normalization import PixelNormalization
 from fpn_tf.models import roi_head as roi_lib
 from fpn_tf.models import rpn as rpn_lib
 from fpn_tf.models.fpn_backbone import build_fpn_backbone, fpn_output_specs
+from fpn_tf.models.presets import preset_config
 from fpn_tf.ops import anchors as anchor_ops
 
 LOSS_KEYS = ("rpn_objectness_loss", "rpn_box_loss", "rcnn_class_loss", "rcnn_box_loss", "total_loss")
@@ -210,6 +211,7 @@ def build_faster_rcnn(
     num_classes: int | None = None,
     backbone: str | None = None,
     config: ModelConfig | None = None,
+    preset: str | None = None,
     **overrides,
 ) -> FasterRCNN:
     """Builds Faster R-CNN + FPN with the paper's defaults.
@@ -218,11 +220,18 @@ def build_faster_rcnn(
       num_classes: classes including background (default 91, torchvision's COCO ids).
       backbone: "resnet50" (default), "resnet101", "resnet18", "resnet34".
       config: a full ModelConfig; ``num_classes``/``backbone`` override it.
+      preset: instead of ``config``, a named configuration of
+        ``fpn_tf.models.presets.PRESETS``, e.g. "torchvision_v1" (torchvision's
+        fasterrcnn_resnet50_fpn graph, for its imported weights).
       **overrides: top-level ModelConfig fields, e.g. ``rpn_only=True``.
 
     Returns:
       A FasterRCNN functional model; see its docstring for inputs and outputs.
     """
+    if preset is not None:
+        if config is not None:
+            raise ValueError("build_faster_rcnn: pass either config or preset, not both")
+        config = preset_config(preset)
     cfg = dataclasses.replace(config) if config is not None else ModelConfig()
     if num_classes is not None:
         cfg.num_classes = int(num_classes)
