@@ -1,0 +1,160 @@
+"""COCO instances JSON + an image folder -> per-image training records.
+
+Reads the annotation file with pycocotools (its prints are silenced). Each image
+becomes an ``ImageRecord`` whose boxes are ``(y1, x1, y2, x2)`` float32 in
+original pixels, clipped to the image, with contiguous labels (``LabelMap``).
+Images without annotations are kept (background-only images train the RPN and
+the classifier's background class). Crowd boxes are not training targets; they
+are kept apart in ``crowd_boxes``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+from pycocotools.coco import COCO
+
+from fpn_tf.data.label_map import LabelMap
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageRecord:
+    """One image of a detection dataset.
+
+    boxes: float32 ``[n, 4]`` (y1, x1, y2, x2) original pixels, clipped, area > 0.
+    labels: int32 ``[n]`` contiguous labels ``1..K``.
+    crowd_boxes: float32 ``[m, 4]`` crowd regions, same format (not training targets).
+    """
+
+    image_id: int
+    path: str
+    height: int
+    width: int
+    boxes: np.ndarray
+    labels: np.ndarray
+    crowd_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+
+
+@dataclass
+class CocoJsonStats:
+    num_images: int = 0
+    num_images_without_boxes: int = 0
+    num_boxes: int = 0  # kept as training targets
+    num_crowd: int = 0  # crowd boxes (kept apart)
+    num_clipped: int = 0  # boxes partly outside the image, clipped
+    num_zero_area_dropped: int = 0  # boxes with no area after clipping
+
+
+def load_coco(annotation_path: str) -> COCO:
+    """Loads a COCO instances JSON with pycocotools, without its prints."""
+    if not os.path.isfile(annotation_path):
+        raise FileNotFoundError(f"COCO annotation file not found: {annotation_path}")
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(annotation_path)
+
+
+def resolve_image_path(image_dir: str, file_name: str) -> str:
+    """``image_dir/file_name``, refusing names that escape ``image_dir``.
+
+    Raises:
+      ValueError: naming ``file_name`` when it is absolute outside ``image_dir``
+        or climbs out with ``..``. The check is lexical, so an image folder that
+        is itself a symlink works.
+    """
+    root = os.path.abspath(image_dir)
+    full = os.path.abspath(os.path.join(root, file_name))
+    if os.path.commonpath([root, full]) != root:
+        raise ValueError(f"image file name {file_name!r} points outside the image folder {image_dir!r}")
+    return full
+
+
+def _xywh_to_yxyx(bbox, where: str) -> np.ndarray:
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        raise ValueError(f"{where}: bbox must be [x, y, width, height], got {bbox!r}")
+    x, y, w, h = (float(v) for v in bbox)
+    return np.asarray([y, x, y + h, x + w], np.float64)
+
+
+def records_from_coco(
+    coco: COCO, image_dir: str, check_files: bool = True
+) -> tuple[list[ImageRecord], LabelMap, CocoJsonStats]:
+    """Converts a loaded ``COCO`` object to records (sorted by image id).
+
+    Raises:
+      FileNotFoundError: naming the first image file that does not exist
+        (when ``check_files``).
+      ValueError: a file name escaping ``image_dir``, an image without
+        height/width, or an annotation whose category is not in ``categories``.
+    """
+    label_map = LabelMap.from_coco(coco)
+    stats = CocoJsonStats()
+    records = []
+    zero_area_ids = []
+    for image_id in sorted(coco.getImgIds()):
+        info = coco.imgs[image_id]
+        for key in ("file_name", "height", "width"):
+            if key not in info:
+                raise ValueError(f"image {image_id} in the COCO JSON has no {key!r}")
+        height, width = int(info["height"]), int(info["width"])
+        if height <= 0 or width <= 0:
+            raise ValueError(f"image {image_id} ({info['file_name']}) has size {height}x{width}")
+        path = resolve_image_path(image_dir, info["file_name"])
+        if check_files and not os.path.isfile(path):
+            raise FileNotFoundError(f"image file {info['file_name']!r} (image {image_id}) not found: {path}")
+        boxes, labels, crowd = [], [], []
+        limit = np.asarray([height, width, height, width], np.float64)
+        for ann in coco.imgToAnns.get(image_id, []):
+            where = f"annotation {ann.get('id')} of image {image_id}"
+            if not isinstance(ann.get("category_id"), int) or ann["category_id"] not in label_map:
+                raise ValueError(f"{where}: category_id {ann.get('category_id')} is not in the categories")
+            box = _xywh_to_yxyx(ann.get("bbox"), where)
+            clipped = np.clip(box, 0.0, limit)
+            if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+                stats.num_zero_area_dropped += 1
+                zero_area_ids.append(ann.get("id"))
+                continue
+            if ann.get("iscrowd", 0):
+                stats.num_crowd += 1
+                crowd.append(clipped)
+                continue
+            if not np.array_equal(clipped, box):
+                stats.num_clipped += 1
+            boxes.append(clipped)
+            labels.append(label_map.label_of(ann["category_id"]))
+        stats.num_images += 1
+        stats.num_boxes += len(boxes)
+        stats.num_images_without_boxes += not boxes
+        records.append(
+            ImageRecord(
+                image_id=int(image_id),
+                path=path,
+                height=height,
+                width=width,
+                boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
+                labels=np.asarray(labels, np.int32),
+                crowd_boxes=np.asarray(crowd, np.float32).reshape(-1, 4),
+            )
+        )
+    if zero_area_ids:
+        _LOG.warning(
+            "dropped %d boxes with zero area after clipping to their image (annotation ids %s%s)",
+            len(zero_area_ids),
+            zero_area_ids[:5],
+            "..." if len(zero_area_ids) > 5 else "",
+        )
+    return records, label_map, stats
+
+
+def load_coco_json(annotation_path: str, image_dir: str) -> tuple[list[ImageRecord], LabelMap, CocoJsonStats]:
+    """Loads ``annotation_path`` (COCO instances JSON) with images in ``image_dir``.
+
+    Returns ``(records, label_map, stats)``; see ``records_from_coco``.
+    """
+    return records_from_coco(load_coco(annotation_path), image_dir)
