@@ -255,9 +255,9 @@ def build_dataset(
     pipeline_id = input_context.input_pipeline_id if input_context else 0
 
     if data.source == "tfds":
-        import tensorflow_datasets as tfds  # noqa: PLC0415 (only this source needs it)
+        import tensorflow_datasets as tfds  # slow to import; only this source needs it
 
-        from fpn_tf.data.tfds_coco import load_tfds_coco, tfds_coco_ground_truth  # noqa: PLC0415
+        from fpn_tf.data.tfds_coco import load_tfds_coco, tfds_coco_ground_truth
 
         tfds_split = data.train_split if split == "train" else data.eval_split
         read_config = tfds.ReadConfig(input_context=input_context, shuffle_seed=seed)
