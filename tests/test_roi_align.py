@@ -127,6 +127,16 @@ def test_roi_align_constant_and_ramp_maps():
     np.testing.assert_allclose(out.numpy()[0, 0, :, :, 0], [[2.5, 2.5], [4.5, 4.5]], rtol=1e-6)
 
 
+def test_bfloat16_features_are_pooled_in_float32():
+    rng = np.random.default_rng(8)
+    feature = rng.normal(size=(2, 6, 7, 3)).astype(np.float32)
+    low = tf.cast(feature, tf.bfloat16)
+    out = roi_align(low, BOXES, 0.25, 3, 2)
+    assert out.dtype == tf.bfloat16
+    expected = roi_align(tf.cast(low, tf.float32), BOXES, 0.25, 3, 2)  # the same inputs, in float32
+    np.testing.assert_array_equal(out.numpy(), tf.cast(expected, tf.bfloat16).numpy())
+
+
 def test_roi_align_gradient_matches_finite_differences():
     rng = np.random.default_rng(1)
     feature = tf.constant(rng.normal(size=(1, 4, 5, 2)), tf.float64)

@@ -89,8 +89,10 @@ def _roi_align_flat(flat, boxes, scale, height, width, start, output_size, sampl
         height / width and the map's first row in ``flat``.
 
     Returns:
-      [B, N, S, S, C], dtype of ``flat``.
+      [B, N, S, S, C], dtype of ``flat``; computed in float32 (as torchvision under autocast).
     """
+    dtype = flat.dtype
+    flat = tf.cast(flat, tf.float32)
     boxes = tf.stop_gradient(boxes)
     y_index, y_weight = _axis_taps(
         boxes[..., 0], boxes[..., 2], scale, height, output_size, sampling_ratio, aligned
@@ -112,9 +114,9 @@ def _roi_align_flat(flat, boxes, scale, height, width, start, output_size, sampl
     batch, num_boxes = shape[0], shape[1]
     values = tf.gather(flat, tf.reshape(index, [batch, -1]), batch_dims=1)  # [B, N*S*S*taps, C]
     values = tf.reshape(values, [batch, num_boxes, output_size, output_size, taps, tf.shape(flat)[-1]])
-    weight = tf.reshape(tf.cast(weight, flat.dtype), [batch, num_boxes, output_size, output_size, 1, taps])
+    weight = tf.reshape(weight, [batch, num_boxes, output_size, output_size, 1, taps])
     pooled = tf.matmul(weight, values)[..., 0, :]  # [B, N, S, S, C]
-    return pooled / tf.cast(sampling_ratio * sampling_ratio, flat.dtype)
+    return tf.cast(pooled / float(sampling_ratio * sampling_ratio), dtype)
 
 
 def roi_align(
@@ -137,7 +139,7 @@ def roi_align(
       aligned: half-pixel alignment (Detectron2's ROIAlignV2) when True.
 
     Returns:
-      [B, N, S, S, C], dtype of ``feature``.
+      [B, N, S, S, C], dtype of ``feature`` (computed in float32).
     """
     _check_args(output_size, sampling_ratio)
     feature = tf.convert_to_tensor(feature)
@@ -179,7 +181,7 @@ def multilevel_roi_align(
       min_level, max_level, canonical_size, canonical_level: as in ``assign_levels``.
 
     Returns:
-      [B, N, S, S, C], dtype of the features.
+      [B, N, S, S, C], dtype of the features (computed in float32).
     """
     _check_args(output_size, sampling_ratio)
     levels = list(range(min_level, max_level + 1))
