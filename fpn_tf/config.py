@@ -63,6 +63,9 @@ class AnchorConfig:
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # height / width
     offset: float = 0.0  # anchor centre = (index + offset) * stride (D2, torchvision)
     round_base: bool = False  # torchvision rounds its base anchors to integers
+    # torchvision: stride = input size // feature size per axis (61 instead of 64 on P6
+    # of an 800-px input padded to 32); False: 2**k
+    strides_from_input_size: bool = False
 
 
 @dataclass

@@ -136,10 +136,18 @@ class ProposalGenerator(keras.layers.Layer):
             h = static[1] if static[1] is not None else dynamic[1]
             w = static[2] if static[2] is not None else dynamic[2]
             sizes[level] = (h, w)
+        strides = {level: level_stride(level) for level in self.levels}
+        if self._anchors.strides_from_input_size:
+            # torchvision's AnchorGenerator: stride = input size // feature size per axis,
+            # the input size being the finest map's size times its stride (e.g. 800 // 13
+            # = 61, not 64, on P6 of an 800-row input padded to a multiple of 32).
+            h0, w0 = sizes[self.levels[0]]
+            s0 = strides[self.levels[0]]
+            strides = {level: ((h0 * s0) // h, (w0 * s0) // w) for level, (h, w) in sizes.items()}
         return anchor_ops.generate_anchors(
             sizes,
             self.level_sizes,
-            {level: level_stride(level) for level in self.levels},
+            strides,
             aspect_ratios=self._anchors.aspect_ratios,
             offset=self._anchors.offset,
             round_base=self._anchors.round_base,

@@ -75,6 +75,22 @@ def _height_width(size_hw, level: str) -> tuple[tf.Tensor, tf.Tensor]:
     return tuple(tf.cast(s, tf.int32) for s in size_hw)
 
 
+def _stride_pair(stride, level: str) -> tuple:
+    """(stride_y, stride_x) from one stride or a pair; python numbers must be positive."""
+    pair = tuple(stride) if isinstance(stride, (tuple, list)) else (stride, stride)
+    if len(pair) != 2:
+        raise ValueError(f"stride of level {level} must be a number or (stride_y, stride_x), got {stride!r}")
+    out = []
+    for s in pair:
+        if tf.is_tensor(s):
+            out.append(tf.cast(s, tf.float32))
+        elif float(s) <= 0:
+            raise ValueError(f"stride of level {level} must be positive, got {stride!r}")
+        else:
+            out.append(float(s))
+    return tuple(out)
+
+
 def generate_anchors(
     feature_sizes: Mapping[str, tuple[int | tf.Tensor, int | tf.Tensor]],
     level_sizes: Mapping[str, float | Sequence[float]],
@@ -91,7 +107,8 @@ def generate_anchors(
         ``tf.shape(p)[1:3]`` inside a graph).
       level_sizes: ``{level: (size, ...)}`` anchor sizes (square-root of the
         area, pixels) of each level that gets anchors; output keys follow it.
-      strides: ``{level: stride}`` in input pixels.
+      strides: ``{level: stride}`` in input pixels: a number, or a pair
+        ``(stride_y, stride_x)`` of numbers or scalar tensors.
       aspect_ratios: heights / widths.
       offset: anchor centres are at ``(index + offset) * stride`` (0.0 as
         torchvision and Detectron2; 0.5 centres them on the pixel).
@@ -113,12 +130,10 @@ def generate_anchors(
         if level not in strides:
             raise ValueError(f"level {level} has anchor sizes but no stride; strides has {sorted(strides)}")
         height, width = _height_width(feature_sizes[level], level)
-        stride = float(strides[level])
-        if stride <= 0:
-            raise ValueError(f"stride of level {level} must be positive, got {strides[level]}")
+        stride_y, stride_x = _stride_pair(strides[level], level)
         base = tf.constant(base_anchors(sizes, ratios, round_base))  # [A, 4]
-        centre_y = (tf.cast(tf.range(height), tf.float32) + offset) * stride  # [h]
-        centre_x = (tf.cast(tf.range(width), tf.float32) + offset) * stride  # [w]
+        centre_y = (tf.cast(tf.range(height), tf.float32) + offset) * stride_y  # [h]
+        centre_x = (tf.cast(tf.range(width), tf.float32) + offset) * stride_x  # [w]
         grid_y, grid_x = tf.meshgrid(centre_y, centre_x, indexing="ij")  # [h, w]
         shifts = tf.stack([grid_y, grid_x, grid_y, grid_x], axis=-1)  # [h, w, 4]
         anchors = shifts[:, :, None, :] + base[None, None, :, :]  # [h, w, A, 4]
