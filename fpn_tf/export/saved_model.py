@@ -1,0 +1,226 @@
+"""SavedModels for TensorFlow Serving: layout, versions, assets, loading.
+
+TF Serving watches ``<export_dir_base>/<name>/`` and serves the highest numeric
+sub-directory. ``export_saved_model`` writes::
+
+    <export_dir_base>/<name>/<version>/
+        saved_model.pb                 # signatures: serving_default, image_tensor, tf_example
+        variables/variables.{index,data-*}
+        assets/label_map.json          # LabelMap.to_json(): category ids and names
+        assets/model_config.json       # fpn_tf.config.to_dict(ModelConfig), as served
+
+It is written to a hidden temporary directory beside the version and renamed
+into place, so a running server never sees a half-written version.
+
+``tf.saved_model.save`` runs on a ``tf.Module`` (``DetectionModule``) that holds
+the model: each variable is stored once (Keras' ``model.export`` stores them
+twice). The signatures are described in ``fpn_tf.export.serving``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+import tensorflow as tf
+
+from fpn_tf.config import ExperimentConfig, ModelConfig, from_dict, load_config, to_dict
+from fpn_tf.data.label_map import LabelMap
+from fpn_tf.export.serving import DetectionModule
+
+LABEL_MAP_ASSET = "label_map.json"
+MODEL_CONFIG_ASSET = "model_config.json"
+
+
+def existing_versions(model_dir: str) -> list[int]:
+    """Sorted numeric version directories in ``model_dir`` (empty when it does not exist)."""
+    if not os.path.isdir(model_dir):
+        return []
+    return sorted(
+        int(d) for d in os.listdir(model_dir) if d.isdigit() and os.path.isdir(os.path.join(model_dir, d))
+    )
+
+
+def served_model_config(model) -> ModelConfig:
+    """``model.config`` with the detection settings the model actually runs with.
+
+    A caller may change ``model.detection_generator``'s ``score_threshold``,
+    ``nms_iou`` or ``detections_per_image`` after building; the exported config
+    records the values the SavedModel was traced with.
+    """
+    cfg = model.config
+    gen = model.detection_generator
+    roi_head = dataclasses.replace(
+        cfg.roi_head,
+        score_threshold=float(gen.score_threshold),
+        nms_iou=float(gen.nms_iou),
+        detections_per_image=int(gen.detections_per_image),
+    )
+    return dataclasses.replace(cfg, roi_head=roi_head)
+
+
+def export_saved_model(
+    model,
+    export_dir_base: str,
+    name: str,
+    version: int | None = None,
+    label_map: LabelMap | None = None,
+) -> str:
+    """Exports a FasterRCNN as ``<export_dir_base>/<name>/<version>/`` for TF Serving.
+
+    Args:
+      model: a built ``FasterRCNN`` (its ``config`` a ModelConfig).
+      export_dir_base: the directory TF Serving's ``--model_base_path`` parent.
+      name: the model name (one path component; TF Serving's MODEL_NAME).
+      version: a non-negative integer; None = one more than the highest existing
+        version (1 for the first export).
+      label_map: maps the model's labels to the dataset's category ids and names;
+        None = identity (category id = label, names ``class_<id>``).
+
+    Returns:
+      The path of the written version directory.
+
+    Raises:
+      FileExistsError: the version already exists (exports never overwrite).
+      ValueError: a bad name or version, or a label map that does not fit the model.
+    """
+    if not name or name in (".", "..") or os.sep in name or "/" in name or name.startswith("."):
+        raise ValueError(f"export name {name!r} must be one non-hidden path component")
+    model_dir = os.path.join(export_dir_base, name)
+    os.makedirs(model_dir, exist_ok=True)
+    if version is None:
+        version = max(existing_versions(model_dir), default=0) + 1
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError(f"version must be a non-negative integer (TF Serving's layout), got {version!r}")
+    path = os.path.join(model_dir, str(version))
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} already exists; choose another --version or remove it")
+
+    module = DetectionModule(model, label_map)
+    label_map = module.label_map
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir)
+    try:
+        with tempfile.TemporaryDirectory() as assets_src:
+            label_path = os.path.join(assets_src, LABEL_MAP_ASSET)
+            with open(label_path, "w", encoding="utf-8") as f:
+                f.write(label_map.to_json())
+            config_path = os.path.join(assets_src, MODEL_CONFIG_ASSET)
+            with open(config_path, "w", encoding="utf-8") as f:
+                json.dump(to_dict(served_model_config(model)), f, indent=1)
+            module.label_map_file = tf.saved_model.Asset(label_path)
+            module.model_config_file = tf.saved_model.Asset(config_path)
+            tf.saved_model.save(module, tmp, signatures=module.signatures())
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_label_map(path: str) -> LabelMap:
+    """The label map asset of an exported version directory."""
+    with open(os.path.join(path, "assets", LABEL_MAP_ASSET), encoding="utf-8") as f:
+        return LabelMap.from_json(f.read())
+
+
+def read_model_config(path: str) -> ModelConfig:
+    """The ModelConfig asset of an exported version directory (as served)."""
+    with open(os.path.join(path, "assets", MODEL_CONFIG_ASSET), encoding="utf-8") as f:
+        return from_dict(ModelConfig, json.load(f))
+
+
+def resolve_version_dir(path: str) -> str:
+    """``path`` itself if it holds saved_model.pb, else its highest numeric version."""
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        return path
+    versions = existing_versions(path)
+    if not versions:
+        raise FileNotFoundError(f"{path} holds neither saved_model.pb nor numeric version directories")
+    return os.path.join(path, str(versions[-1]))
+
+
+def load_exported(path: str):
+    """Loads an export: ``(loaded, label_map)``.
+
+    Args:
+      path: a version directory, or the model directory (its highest version).
+
+    Returns:
+      ``loaded``: the ``tf.saved_model.load`` object; call
+      ``loaded.signatures["serving_default"](encoded_images=...)`` (or the
+      ``serve_encoded`` / ``serve_image_tensor`` / ``serve_tf_example`` functions);
+      ``label_map``: the ``LabelMap`` asset (category ids and names).
+    """
+    path = resolve_version_dir(path)
+    loaded = tf.saved_model.load(path)
+    return loaded, read_label_map(path)
+
+
+# ----------------------------------------------------------- models from training runs
+def experiment_config(model_dir: str | None, config_path: str | None, overrides=None) -> ExperimentConfig:
+    """The run's config: ``config_path``, else ``model_dir/config.yaml`` (the trainer
+    writes it), else the defaults; then ``a.b=value`` overrides."""
+    if not config_path and model_dir and os.path.isfile(os.path.join(model_dir, "config.yaml")):
+        config_path = os.path.join(model_dir, "config.yaml")
+    return load_config(config_path or None, list(overrides or []))
+
+
+def latest_checkpoint(path: str) -> str:
+    """A checkpoint prefix from a training directory, a prefix or a ``.index`` file."""
+    prefix = path[: -len(".index")] if path.endswith(".index") else path
+    if os.path.isdir(prefix):
+        found = tf.train.latest_checkpoint(prefix)
+        if found is None:
+            raise FileNotFoundError(f"{prefix} holds no TF checkpoint (no 'checkpoint' file)")
+        return found
+    if not tf.io.gfile.exists(prefix + ".index"):
+        raise FileNotFoundError(f"{path} is neither a training directory nor a checkpoint prefix")
+    return prefix
+
+
+def restore_model(config: ModelConfig, model_dir: str | None = None):
+    """Builds ``FasterRCNN(config)`` and restores the trainer's weights from ``model_dir``.
+
+    The trainer saves ``tf.train.Checkpoint(model=..., optimizer=..., step=...)``;
+    only ``model`` is read (``expect_partial``), and every model variable must be
+    found in the checkpoint. ``model_dir`` None keeps the fresh initialisation.
+    """
+    from fpn_tf.models.faster_rcnn import build_faster_rcnn
+
+    model = build_faster_rcnn(config=config)
+    if model_dir:
+        prefix = latest_checkpoint(model_dir)
+        checkpoint = tf.train.Checkpoint(model=model)
+        # A variable the checkpoint's object graph cannot reach is neither saved nor
+        # restored, and assert_existing_objects_matched does not notice it.
+        reachable = {id(obj) for obj in tf.train.TrackableView(checkpoint).descendants()}
+        untracked = [v.path for v in model.variables if id(v) not in reachable]
+        if untracked:
+            raise ValueError(
+                f"{len(untracked)} model variable(s) are not tracked by tf.train.Checkpoint(model=...), so "
+                f"no checkpoint holds them and {prefix} cannot restore them: {', '.join(untracked[:12])}"
+                f"{' ...' if len(untracked) > 12 else ''} (sub-layers kept in a list or dict are not "
+                "tracked by Keras 3 checkpoints; assign each to its own attribute)"
+            )
+        status = checkpoint.restore(prefix).expect_partial()
+        try:
+            status.assert_existing_objects_matched()
+        except AssertionError as e:
+            raise ValueError(
+                f"checkpoint {prefix} does not fit the model built from the config "
+                f"(different backbone, num_classes or layers?): {str(e)[:500]}"
+            ) from None
+    return model
+
+
+def default_label_map(model_dir: str | None, label_map_path: str | None) -> LabelMap | None:
+    """``label_map_path``, else ``model_dir/label_map.json`` if present, else None."""
+    if not label_map_path and model_dir and os.path.isfile(os.path.join(model_dir, LABEL_MAP_ASSET)):
+        label_map_path = os.path.join(model_dir, LABEL_MAP_ASSET)
+    if not label_map_path:
+        return None
+    with open(label_map_path, encoding="utf-8") as f:
+        return LabelMap.from_json(f.read())

@@ -1,0 +1,213 @@
+"""The serving graph: encoded images, uint8 tensors or tf.Examples -> detections.
+
+``DetectionModule`` wraps a ``FasterRCNN`` in a ``tf.Module`` whose three
+``tf.function`` signatures are what ``export_saved_model`` saves (and what
+``scripts/predict.py`` runs in-process, so predictions and the SavedModel share
+one code path):
+
+==================  ==========================================  ==============
+signature           input                                       input name
+==================  ==========================================  ==============
+serving_default     tf.string ``[B]`` encoded JPEG/PNG/BMP/GIF  encoded_images
+image_tensor        uint8 ``[B, h, w, 3]`` RGB                  images
+tf_example          tf.string ``[B]`` serialized tf.Example     serialized_examples
+                    with the feature ``image/encoded``
+==================  ==========================================  ==============
+
+Each image is decoded, resized with the training resize rule and zero padded to
+the batch's largest resized size (rounded up to ``size_divisibility``) by the
+functions of ``fpn_tf.data.preprocess``; then one batched call of the model's own
+``call`` runs. Every signature returns (D = ``roi_head.detections_per_image``):
+
+- ``detection_boxes`` float32 ``[B, D, 4]``: ``(y1, x1, y2, x2)`` in pixels of the
+  ORIGINAL image each client sent (not the resized network input);
+- ``detection_boxes_normalized`` float32 ``[B, D, 4]``: the same divided by the
+  original (height, width, height, width), in [0, 1];
+- ``detection_scores`` float32 ``[B, D]``, sorted in decreasing order;
+- ``detection_classes`` int32 ``[B, D]``: the dataset's own category ids (via the
+  label map; the contiguous labels 1..K when there is none);
+- ``num_detections`` int32 ``[B]``: rows ``[:num_detections]`` are detections, the
+  rest are padding (boxes, scores and classes 0).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from fpn_tf.config import InputConfig
+from fpn_tf.data.label_map import LabelMap
+from fpn_tf.data.preprocess import decode_image, pad_image, padded_size, resize_image
+
+SIGNATURE_INPUTS = {
+    "serving_default": "encoded_images",
+    "image_tensor": "images",
+    "tf_example": "serialized_examples",
+}
+OUTPUT_KEYS = (
+    "detection_boxes",
+    "detection_boxes_normalized",
+    "detection_scores",
+    "detection_classes",
+    "num_detections",
+)
+IMAGE_FEATURE = "image/encoded"
+
+
+def identity_label_map(num_classes: int) -> LabelMap:
+    """Label map whose category ids are the contiguous labels ``1..num_classes-1``."""
+    ids = list(range(1, int(num_classes)))
+    return LabelMap(ids, [f"class_{i}" for i in ids])
+
+
+def resize_and_pad_batch(images, load_fn, input_config: InputConfig) -> tuple[tf.Tensor, tf.Tensor]:
+    """Loads, resizes and pads a batch of images of any sizes into one network input.
+
+    Args:
+      images: a tensor whose first axis indexes the images (``[B]`` strings or
+        ``[B, h, w, 3]`` uint8).
+      load_fn: maps one element of ``images`` to uint8 ``[h, w, 3]`` RGB.
+      input_config: the model's ``InputConfig`` (resize rule, size_divisibility).
+
+    Returns:
+      ``images`` float32 ``[B, H, W, 3]`` in [0, 255] (each resized image at the
+      top-left, zero padded; H, W = the largest resized size rounded up to
+      ``size_divisibility``) and ``image_info`` float32 ``[B, 6]``
+      ``(orig_h, orig_w, valid_h, valid_w, scale_y, scale_x)``.
+
+    Raises:
+      tf.errors.InvalidArgumentError: an empty batch, or an image that cannot be
+        decoded ("could not decode image ...").
+    """
+    count = tf.shape(images)[0]
+    check = tf.debugging.assert_positive(count, message="the request holds no images (batch size 0)")
+
+    def load_and_resize(element):
+        resized, info = resize_image(load_fn(element), input_config.min_size, input_config.max_size)
+        return tf.RaggedTensor.from_tensor(resized), info
+
+    with tf.control_dependencies([check]):
+        ragged, image_info = tf.map_fn(
+            load_and_resize,
+            images,
+            fn_output_signature=(
+                tf.RaggedTensorSpec([None, None, 3], tf.float32, ragged_rank=1),
+                tf.TensorSpec([6], tf.float32),
+            ),
+        )
+    max_hw = tf.cast(tf.reduce_max(image_info[:, 2:4], axis=0), tf.int32)
+    pad_hw = padded_size(max_hw, input_config.size_divisibility)
+    batch = tf.map_fn(
+        lambda r: pad_image(r.to_tensor(), pad_hw),
+        ragged,
+        fn_output_signature=tf.TensorSpec([None, None, 3], tf.float32),
+    )
+    return batch, image_info
+
+
+def parse_image_examples(serialized: tf.Tensor) -> tf.Tensor:
+    """Serialized ``tf.train.Example`` ``[B]`` -> their ``image/encoded`` bytes ``[B]``."""
+    features = tf.io.parse_example(serialized, {IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string)})
+    return features[IMAGE_FEATURE]
+
+
+def _tf_variable(variable) -> tf.Variable:
+    """The tf.Variable behind a keras.Variable (TF backend), or ``variable`` itself."""
+    value = variable.value if isinstance(variable, keras.Variable) else variable
+    if not isinstance(value, tf.Variable):
+        raise TypeError(f"cannot export variable {variable.path!r}: its value is a {type(value).__name__}")
+    return value
+
+
+class DetectionModule(tf.Module):
+    """A FasterRCNN plus its serving signatures (see the module docstring).
+
+    Args:
+      model: a built ``FasterRCNN`` (``model.config`` a ModelConfig); the module
+        tracks its variables (``model_variables``) and calls the model itself.
+      label_map: maps the model's labels 1..K to category ids; None = identity.
+    """
+
+    def __init__(self, model, label_map: LabelMap | None = None, name: str = "detection_module"):
+        super().__init__(name=name)
+        config = model.config
+        if config.rpn_only:
+            raise ValueError("an rpn_only model has no detections to serve; export a full Faster R-CNN")
+        if label_map is None:
+            label_map = identity_label_map(config.num_classes)
+        if label_map.num_classes != config.num_classes:
+            raise ValueError(
+                f"the label map has {len(label_map)} categories but the model has "
+                f"num_classes={config.num_classes} ({config.num_classes - 1} foreground classes)"
+            )
+        # The model's tf.Variables are tracked as one flat list (the SavedModel stores
+        # each once); the Keras model itself is held untracked, since SavedModel
+        # cannot save every Keras-internal structure (e.g. a layer dict with integer
+        # keys). Tracking the keras.Variable wrappers instead would save a second,
+        # never-restored copy of each variable into the TF1 graph that TF Serving
+        # and saved_model_cli load, leaving the captured ones uninitialised.
+        self.model_variables = [_tf_variable(v) for v in model.variables]
+        object.__setattr__(self, "_model", model)  # bypasses tf.Module's tracking
+        self.input_config = config.input
+        self.label_map = label_map
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, None, None, 3], tf.float32, name="images"),
+            tf.TensorSpec([None, 6], tf.float32, name="image_info"),
+        ]
+    )
+    def detect(self, images, image_info):
+        """The model's own call on a preprocessed batch, plus the output contract.
+
+        Args: images float32 ``[B, H, W, 3]`` and image_info ``[B, 6]`` (docs/design.md).
+        Returns: the dict of OUTPUT_KEYS (module docstring).
+        """
+        outputs = self._model({"images": images, "image_info": image_info}, training=False)
+        boxes = outputs["detection_boxes"]
+        orig_hw = image_info[:, 0:2]
+        normalized = boxes / tf.tile(orig_hw, [1, 2])[:, None, :]
+        classes = tf.cast(self.label_map.to_category_id_tf(outputs["detection_classes"]), tf.int32)
+        return {
+            "detection_boxes": boxes,
+            "detection_boxes_normalized": normalized,
+            "detection_scores": outputs["detection_scores"],
+            "detection_classes": classes,
+            "num_detections": outputs["num_detections"],
+        }
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=SIGNATURE_INPUTS["serving_default"])])
+    def serve_encoded(self, encoded_images):
+        """``[B]`` encoded images (each its own size) -> detections."""
+        images, image_info = resize_and_pad_batch(encoded_images, decode_image, self.input_config)
+        return self.detect(images, image_info)
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, None, None, 3], tf.uint8, name=SIGNATURE_INPUTS["image_tensor"])
+        ]
+    )
+    def serve_image_tensor(self, images):
+        """uint8 ``[B, h, w, 3]`` RGB -> detections."""
+        batch, image_info = resize_and_pad_batch(images, lambda image: image, self.input_config)
+        return self.detect(batch, image_info)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=SIGNATURE_INPUTS["tf_example"])])
+    def serve_tf_example(self, serialized_examples):
+        """``[B]`` serialized tf.Example with ``image/encoded`` -> detections."""
+        encoded = parse_image_examples(serialized_examples)
+        images, image_info = resize_and_pad_batch(encoded, decode_image, self.input_config)
+        return self.detect(images, image_info)
+
+    @property
+    def model(self):
+        """The wrapped FasterRCNN."""
+        return self._model
+
+    def signatures(self) -> dict:
+        """The concrete functions to save, keyed by signature name."""
+        return {
+            "serving_default": self.serve_encoded.get_concrete_function(),
+            "image_tensor": self.serve_image_tensor.get_concrete_function(),
+            "tf_example": self.serve_tf_example.get_concrete_function(),
+        }

@@ -1,0 +1,68 @@
+"""Drawing detections on images for people (Pillow)."""
+
+from __future__ import annotations
+
+import colorsys
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+
+def class_colour(category_id: int) -> tuple[int, int, int]:
+    """A bright, stable RGB colour per category id (golden-ratio hue steps)."""
+    hue = (int(category_id) * 0.618033988749895) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 1.0)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def draw_detections(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    scores: Sequence[float],
+    category_ids: Sequence[int],
+    names: Sequence[str],
+    min_score: float = 0.0,
+) -> Image.Image:
+    """Draws boxes with "name score" labels on a copy of ``image``.
+
+    Args:
+      image: uint8 ``[h, w, 3]`` RGB (the original image).
+      boxes: float ``[N, 4]`` ``(y1, x1, y2, x2)`` in that image's pixels.
+      scores: ``[N]``; detections below ``min_score`` are not drawn.
+      category_ids: ``[N]`` category ids (they choose the colour).
+      names: ``[N]`` class names written beside the score.
+
+    Returns:
+      An RGB ``PIL.Image`` of the same size as ``image``.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"draw_detections needs a uint8 [h, w, 3] image, got {image.dtype} {image.shape}")
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    if not len(boxes) == len(scores) == len(category_ids) == len(names):
+        raise ValueError(
+            f"draw_detections: {len(boxes)} boxes, {len(scores)} scores, "
+            f"{len(category_ids)} category ids and {len(names)} names differ in number"
+        )
+    canvas = Image.fromarray(image, "RGB")
+    draw = ImageDraw.Draw(canvas)
+    h, w = image.shape[:2]
+    width = max(1, round(min(h, w) / 300))
+    font = ImageFont.load_default(size=max(10, round(min(h, w) / 40)))
+    # Lowest scores first so the most confident boxes end up on top.
+    for i in np.argsort(np.asarray(scores, np.float32), kind="stable"):
+        score = float(scores[i])
+        if score < min_score:
+            continue
+        y1, x1, y2, x2 = (float(v) for v in boxes[i])
+        colour = class_colour(int(category_ids[i]))
+        draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
+        text = f"{names[i]} {score:.2f}"
+        left, top, right, bottom = draw.textbbox((x1, y1), text, font=font)
+        text_h = bottom - top
+        ty = y1 - text_h - 2 if y1 - text_h - 2 >= 0 else y1
+        left, top, right, bottom = draw.textbbox((x1, ty), text, font=font)
+        draw.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=colour)
+        draw.text((x1, ty), text, fill=(0, 0, 0), font=font)
+    return canvas

@@ -1,0 +1,55 @@
+"""Exports a trained (or freshly built) Faster R-CNN + FPN as a SavedModel for TF Serving.
+
+    python scripts/export.py --model_dir runs/coco --export_dir saved_models --name fpn
+    # -> saved_models/fpn/<next version>/ with serving_default, image_tensor, tf_example
+
+``--model_dir`` is a training directory: the latest checkpoint is restored (the
+trainer's ``tf.train.Checkpoint(model=...)``; optimizer state is ignored) and its
+``config.yaml`` / ``label_map.json`` are used unless ``--config`` /
+``--label_map`` say otherwise. Without ``--model_dir`` the model is freshly built
+from ``--config`` (random weights: for trying the serving path).
+See docs/serving.md for serving the result.
+"""
+
+from __future__ import annotations
+
+import time
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model_dir", None, "Training directory with checkpoints; none: a freshly built model.")
+flags.DEFINE_string("config", None, "Experiment YAML (default: <model_dir>/config.yaml, else defaults).")
+flags.DEFINE_multi_string("override", [], "Config overrides key.path=value, e.g. model.num_classes=4.")
+flags.DEFINE_string("export_dir", "saved_models", "Base directory: writes <export_dir>/<name>/<version>/.")
+flags.DEFINE_string("name", "fpn_faster_rcnn", "Model name (TF Serving's MODEL_NAME).")
+flags.DEFINE_integer("version", None, "Version number; default: one more than the highest existing.")
+flags.DEFINE_string("label_map", None, "Label map JSON (default: <model_dir>/label_map.json, else identity).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from fpn_tf.export import saved_model
+
+    start = time.perf_counter()
+    config = saved_model.experiment_config(FLAGS.model_dir, FLAGS.config, FLAGS.override)
+    model = saved_model.restore_model(config.model, FLAGS.model_dir)
+    label_map = saved_model.default_label_map(FLAGS.model_dir, FLAGS.label_map)
+    if FLAGS.model_dir is None:
+        logging.warning("no --model_dir: exporting a freshly initialised model (random weights)")
+    if label_map is None:
+        logging.warning(
+            "no label map: detection_classes will be the contiguous labels 1..%d",
+            config.model.num_classes - 1,
+        )
+    built = time.perf_counter()
+    path = saved_model.export_saved_model(
+        model, FLAGS.export_dir, FLAGS.name, version=FLAGS.version, label_map=label_map
+    )
+    done = time.perf_counter()
+    print(f"exported {path} (build/restore {built - start:.1f} s, export {done - built:.1f} s)")
+
+
+if __name__ == "__main__":
+    app.run(main)
