@@ -121,6 +121,20 @@ FRESH_PROCESS = textwrap.dedent(
 
     formats = [pil("L", "PNG"), pil("RGBA", "PNG"), pil("RGB", "BMP"), pil("P", "GIF"), pil("L", "JPEG")]
     run("formats", "serving_default", encoded_images=tf.constant(formats))
+
+    # TF1 session loader (the kind TF Serving's C++ loader is) on serving_default.
+    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as sess:
+        meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], path)
+        sig = meta.signature_def["serving_default"]
+        fetch = {k: v.name for k, v in sig.outputs.items()}
+        feed_name = sig.inputs["encoded_images"].name
+        for key, batch in [("tf1_pair", [data["a"], data["b"]]), ("tf1_corrupt", [b"junk"]),
+                           ("tf1_after_corrupt", [data["a"], data["b"]])]:
+            try:
+                for name, value in sess.run(fetch, {feed_name: np.array(batch, object)}).items():
+                    results[f"{key}/{name}"] = value
+            except tf.errors.InvalidArgumentError as e:
+                errors[key] = {"type": type(e).__name__, "message": e.message}
     np.savez(out, **results)
     with open(out + ".json", "w") as f:
         json.dump({"errors": errors, "label_map": label_map.to_json()}, f)
@@ -175,6 +189,15 @@ def test_fresh_process_matches_in_process_predict(exported, fresh):
             served["detection_boxes_normalized"][i], served["detection_boxes"][i] / [h, w, h, w], rtol=1e-6
         )
         assert (np.diff(served["detection_scores"][i, :n]) <= 0).all()
+
+
+def test_tf1_session_loader_serves_encoded_images(fresh):
+    """TF Serving loads SavedModels into a TF1 session: same detections, same error handling."""
+    results, errors, _, _ = fresh
+    for name in OUTPUT_KEYS:
+        np.testing.assert_allclose(results[f"tf1_pair/{name}"], results[f"pair/{name}"], atol=1e-5)
+        np.testing.assert_array_equal(results[f"tf1_after_corrupt/{name}"], results[f"tf1_pair/{name}"])
+    assert "could not decode image" in errors["tf1_corrupt"]["message"]
 
 
 def test_all_signatures_agree(fresh):
