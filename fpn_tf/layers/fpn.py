@@ -204,11 +204,32 @@ class FeaturePyramid(keras.layers.Layer):
             lateral_levels = range(lowest, self.max_level + 1)
         else:
             lateral_levels = [self.max_level]  # only the 1x1 conv on C_max that starts the pathway
-        self.lateral_layers = {k: LateralConnection(d, name=f"lateral{k}") for k in lateral_levels}
+        # Sub-layers are plain attributes (lateral2, merge2, smooth2, ...): TF checkpoints
+        # do not see layers held in Keras-tracked dicts or lists.
+        self._lateral_levels = tuple(lateral_levels)
         # Top-down merges into every level from max_level - 1 down to the finest output level.
-        merge_levels = range(lowest, self.max_level) if self.top_down else []
-        self.merges = {k: TopDownMerge(add=self.lateral, name=f"merge{k}") for k in merge_levels}
-        self.smoothing = {k: Smoothing(d, name=f"smooth{k}") for k in self.output_levels}
+        self._merge_levels = tuple(range(lowest, self.max_level)) if self.top_down else ()
+        for k in self._lateral_levels:
+            setattr(self, f"lateral{k}", LateralConnection(d, name=f"lateral{k}"))
+        for k in self._merge_levels:
+            setattr(self, f"merge{k}", TopDownMerge(add=self.lateral, name=f"merge{k}"))
+        for k in self.output_levels:
+            setattr(self, f"smooth{k}", Smoothing(d, name=f"smooth{k}"))
+
+    @property
+    def lateral_layers(self) -> dict[int, LateralConnection]:
+        """{level number: LateralConnection} (a view of the lateral{k} attributes)."""
+        return {k: getattr(self, f"lateral{k}") for k in self._lateral_levels}
+
+    @property
+    def merges(self) -> dict[int, TopDownMerge]:
+        """{level number: TopDownMerge} (a view of the merge{k} attributes)."""
+        return {k: getattr(self, f"merge{k}") for k in self._merge_levels}
+
+    @property
+    def smoothing(self) -> dict[int, Smoothing]:
+        """{level number: Smoothing} (a view of the smooth{k} attributes)."""
+        return {k: getattr(self, f"smooth{k}") for k in self.output_levels}
 
     def _feature_shape(self, input_shape, level: int) -> tuple:
         key = f"C{level}"
@@ -311,10 +332,14 @@ class ConvExtraLevels(ExtraLevels):
         if int(num_levels) != num_levels or num_levels < 1:
             raise ValueError(f"num_levels must be a positive integer, got {num_levels!r}")
         self.num_levels = int(num_levels)
-        self.convs = [
-            _conv(self.num_channels, 3, f"conv{i}", strides=2, padding="valid")
-            for i in range(self.num_levels)
-        ]
+        # Plain attributes conv0, conv1, ...: TF checkpoints do not see layers in Keras-tracked lists.
+        for i in range(self.num_levels):
+            setattr(self, f"conv{i}", _conv(self.num_channels, 3, f"conv{i}", strides=2, padding="valid"))
+
+    @property
+    def convs(self) -> list[keras.layers.Layer]:
+        """The stride-2 convs, coarser level last (a view of the conv{i} attributes)."""
+        return [getattr(self, f"conv{i}") for i in range(self.num_levels)]
 
     def output_channels(self, input_channels: int) -> int:
         return self.num_channels

@@ -117,10 +117,10 @@ class FastRCNNHead(keras.layers.Layer):
         self.fc_dim = int(fc_dim)
         self.num_fc = int(num_fc)
         fc_init = keras.initializers.VarianceScaling(1.0, "fan_in", "uniform")  # Detectron2's c2_xavier_fill
-        self.fcs = [
-            keras.layers.Dense(self.fc_dim, activation="relu", kernel_initializer=fc_init, name=f"fc{i + 6}")
-            for i in range(self.num_fc)
-        ]
+        # Plain attributes fc6, fc7, ...: TF checkpoints do not see layers in Keras-tracked lists.
+        for i in range(self.num_fc):
+            layer = keras.layers.Dense(self.fc_dim, activation="relu", kernel_initializer=fc_init, name=f"fc{i + 6}")
+            setattr(self, f"fc{i + 6}", layer)
         self.class_logits = keras.layers.Dense(
             self.num_classes,
             kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
@@ -131,6 +131,11 @@ class FastRCNNHead(keras.layers.Layer):
             kernel_initializer=keras.initializers.RandomNormal(stddev=0.001),
             name="box_deltas",
         )
+
+    @property
+    def fcs(self) -> list[keras.layers.Dense]:
+        """The hidden fc layers, fc6 first (a view of the fc{k} attributes)."""
+        return [getattr(self, f"fc{i + 6}") for i in range(self.num_fc)]
 
     def build(self, pooled_shape):
         s, _, c = pooled_shape[2:]
