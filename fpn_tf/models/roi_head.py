@@ -119,7 +119,9 @@ class FastRCNNHead(keras.layers.Layer):
         fc_init = keras.initializers.VarianceScaling(1.0, "fan_in", "uniform")  # Detectron2's c2_xavier_fill
         # Plain attributes fc6, fc7, ...: TF checkpoints do not see layers in Keras-tracked lists.
         for i in range(self.num_fc):
-            layer = keras.layers.Dense(self.fc_dim, activation="relu", kernel_initializer=fc_init, name=f"fc{i + 6}")
+            layer = keras.layers.Dense(
+                self.fc_dim, activation="relu", kernel_initializer=fc_init, name=f"fc{i + 6}"
+            )
             setattr(self, f"fc{i + 6}", layer)
         self.class_logits = keras.layers.Dense(
             self.num_classes,
