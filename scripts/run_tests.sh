@@ -7,5 +7,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/pip install -q -e '.[test]'
+# gRPC request building (scripts/serving_client.py): --no-deps, or it pulls the full
+# `tensorflow` beside tensorflow-cpu. Its own needs (grpcio, protobuf) come with TF.
+.venv/bin/pip install -q --no-deps tensorflow-serving-api==2.21.0
 .venv/bin/ruff check fpn_tf scripts tests bench
 exec .venv/bin/python -m pytest -q tests "$@"
