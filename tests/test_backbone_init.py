@@ -7,6 +7,8 @@ both the Keras 2 layout (the published files) and the Keras 3 layout.
 
 from __future__ import annotations
 
+import warnings
+
 import h5py
 import keras
 import numpy as np
@@ -26,6 +28,12 @@ from fpn_tf.models.weights_keras_applications import (
 from fpn_tf.models.weights_torchvision import WeightImportError, load_torchvision_backbone
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
+
+
+def _np(x) -> np.ndarray:
+    return x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+
+
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
@@ -52,10 +60,12 @@ def keras_resnet50(tmp_path_factory):
     _randomise(model)
     folder = tmp_path_factory.mktemp("keras_apps")
     legacy = folder / weights_file_name(50)
-    with h5py.File(legacy, "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, model)
     native = folder / "resnet50.weights.h5"
-    model.save_weights(native)
+    with h5py.File(legacy, "w") as f, warnings.catch_warnings():
+        # Keras' own writers convert each variable with np.array(copy=False).
+        warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+        model.save_weights(native)
     return model, str(legacy), str(native)
 
 
@@ -74,7 +84,7 @@ def test_both_file_layouts_read_the_same(keras_resnet50):
         for param in a[name]:
             np.testing.assert_array_equal(a[name][param], b[name][param])
     np.testing.assert_array_equal(
-        a["conv3_block1_2_conv"]["kernel"], model.get_layer("conv3_block1_2_conv").kernel
+        a["conv3_block1_2_conv"]["kernel"], _np(model.get_layer("conv3_block1_2_conv").kernel)
     )
 
 
@@ -93,20 +103,18 @@ def test_values_land_with_biases_folded(keras_resnet50, fpn_tf_resnet50, layout)
     }
     for k_name, (conv, bn) in pairs.items():
         kc, kb = model.get_layer(f"{k_name}_conv"), model.get_layer(f"{k_name}_bn")
-        np.testing.assert_array_equal(ours.get_layer(conv).kernel, kc.kernel)
+        np.testing.assert_array_equal(_np(ours.get_layer(conv).kernel), _np(kc.kernel))
         norm = ours.get_layer(bn)
-        np.testing.assert_array_equal(norm.gamma, kb.gamma)
-        np.testing.assert_array_equal(norm.beta, kb.beta)
+        np.testing.assert_array_equal(_np(norm.gamma), _np(kb.gamma))
+        np.testing.assert_array_equal(_np(norm.beta), _np(kb.beta))
+        np.testing.assert_allclose(_np(norm.moving_mean), _np(kb.moving_mean) - _np(kc.bias), atol=1e-7)
         np.testing.assert_allclose(
-            norm.moving_mean, np.asarray(kb.moving_mean) - np.asarray(kc.bias), atol=1e-7
-        )
-        np.testing.assert_allclose(
-            norm.moving_variance, np.asarray(kb.moving_variance) + KERAS_BN_EPSILON - 1e-5, rtol=1e-6
+            _np(norm.moving_variance), _np(kb.moving_variance) + KERAS_BN_EPSILON - 1e-5, rtol=1e-6
         )
     # The stem: RGB order and std folded into the kernel.
-    k = np.asarray(model.get_layer("conv1_conv").kernel)
+    k = _np(model.get_layer("conv1_conv").kernel)
     np.testing.assert_allclose(
-        ours.get_layer("conv1").kernel,
+        _np(ours.get_layer("conv1").kernel),
         k[:, :, ::-1, :] * np.asarray(IMAGENET_STD)[None, None, :, None],
         rtol=1e-6,
     )
@@ -157,10 +165,10 @@ def test_fpn_backbone_and_defaults(keras_resnet50, tmp_path, monkeypatch):
 def test_wrong_depth_names_the_layers(keras_resnet50):
     _, legacy, _ = keras_resnet50
     r101 = build_resnet(BackboneConfig(name="resnet101"))
-    before = np.asarray(r101.get_layer("conv1").kernel).copy()
+    before = _np(r101.get_layer("conv1").kernel).copy()
     with pytest.raises(WeightImportError, match="layers not in the file: .*layer3_6_conv1/layer3_6_bn1"):
         load_keras_applications_backbone(r101, legacy)
-    np.testing.assert_array_equal(r101.get_layer("conv1").kernel, before)  # untouched
+    np.testing.assert_array_equal(_np(r101.get_layer("conv1").kernel), before)  # untouched
     with pytest.raises(WeightImportError, match="basic blocks"):
         load_keras_applications_backbone(
             build_resnet(BackboneConfig(name="resnet18", width_multiplier=0.25)), legacy
@@ -200,10 +208,11 @@ def test_torchvision_resnet_npz(tmp_path):
     assert "fc.weight" in result.ignored and "bn1.num_batches_tracked" in result.ignored
     assert len(result.loaded) == sum(1 for k in state if not k.startswith("fc.") and "num_batches" not in k)
     np.testing.assert_array_equal(
-        resnet.get_layer("layer2_0_conv2").kernel, state["layer2.0.conv2.weight"].transpose(2, 3, 1, 0)
+        _np(resnet.get_layer("layer2_0_conv2").kernel), state["layer2.0.conv2.weight"].transpose(2, 3, 1, 0)
     )
     np.testing.assert_array_equal(
-        resnet.get_layer("layer3_0_downsample_1").moving_variance, state["layer3.0.downsample.1.running_var"]
+        _np(resnet.get_layer("layer3_0_downsample_1").moving_variance),
+        state["layer3.0.downsample.1.running_var"],
     )
 
     # Every offending key is named, and nothing is assigned.
@@ -218,5 +227,5 @@ def test_torchvision_resnet_npz(tmp_path):
     assert "unexpected key(s)" in message and "layer5.0.conv1.weight" in message
     assert "conv1.weight: state dict shape (16, 3, 5, 5)" in message
     np.testing.assert_array_equal(
-        resnet.get_layer("conv1").kernel, state["conv1.weight"].transpose(2, 3, 1, 0)
+        _np(resnet.get_layer("conv1").kernel), state["conv1.weight"].transpose(2, 3, 1, 0)
     )

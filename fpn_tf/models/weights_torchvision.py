@@ -398,7 +398,4 @@ def torchvision_state_dict(model) -> dict[str, np.ndarray]:
     trainable batch norms also hold ``num_batches_tracked``, which is not written),
     or saved with ``np.savez`` for a torch-free round trip.
     """
-    return {
-        t.key: np.ascontiguousarray(t.inverse(keras.ops.convert_to_numpy(t.variable)))
-        for t in torchvision_targets(model)
-    }
+    return {t.key: np.ascontiguousarray(t.inverse(t.variable.numpy())) for t in torchvision_targets(model)}
