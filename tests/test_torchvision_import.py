@@ -31,6 +31,7 @@ from fpn_tf.models.presets import TORCHVISION_COCO_NAMES, torchvision_coco_label
 from fpn_tf.models.rpn import ProposalGenerator
 from fpn_tf.models.weights_torchvision import (
     WeightImportError,
+    infer_torchvision_config,
     load_torchvision_state_dict,
     torchvision_state_dict,
 )
@@ -392,6 +393,11 @@ def test_fpn_maps_match(parity):
 
 
 @NEEDS_TORCHVISION
+def test_inferred_config_is_the_preset(parity):
+    assert infer_torchvision_config(str(parity["folder"] / "torchvision.pth")) == torchvision_v1_config()
+
+
+@NEEDS_TORCHVISION
 def test_anchors_match(parity):
     """Rounded base anchors and, on P6 of the 800-row input, torchvision's stride 800 // 13 = 61."""
     expected = parity["theirs"]["anchors"][:, [1, 0, 3, 2]]
@@ -463,3 +469,46 @@ def test_saved_model_in_a_fresh_process_matches(parity):
     )
     print(f"\nSavedModel detections: {n}, {result}")
     assert result["matched"] >= 0.98
+
+
+# ------------------------------------------------------------------ scripts/import_torchvision.py
+def test_import_script_writes_a_training_directory(tiny_pair, tmp_path):
+    from fpn_tf.data.label_map import LabelMap
+    from fpn_tf.export.saved_model import experiment_config, read_label_map, restore_model
+
+    source, _ = tiny_pair
+    weights = tmp_path / "tiny.npz"
+    np.savez(weights, **torchvision_state_dict(source))
+    label_map = LabelMap([3, 7, 11, 20], ["cat", "dog", "car", "kite"])
+    (tmp_path / "labels.json").write_text(label_map.to_json())
+    model_dir, export_dir = tmp_path / "run", tmp_path / "saved"
+    command = [
+        sys.executable,
+        os.path.join(REPO, "scripts", "import_torchvision.py"),
+        f"--weights={weights}",
+        f"--model_dir={model_dir}",
+        f"--label_map={tmp_path / 'labels.json'}",
+        "--override=model.roi_head.score_threshold=0.3",
+        "--export",
+        f"--export_dir={export_dir}",
+        "--name=tiny",
+    ]
+    env = {**os.environ, "PYTHONPATH": REPO}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        f"imported {len(torchvision_state_dict(source))} tensors" in done.stdout
+        and "resnet18 x0.25, 5 classes" in done.stdout
+    )
+
+    config = experiment_config(str(model_dir), None)
+    assert (config.model.backbone.width_multiplier, config.model.fpn.num_channels) == (0.25, 32)
+    assert (config.model.roi_head.fc_dim, config.model.roi_head.score_threshold) == (64, 0.3)
+    restored = restore_model(config.model, str(model_dir))
+    for a, b in zip(source.weights, restored.weights):
+        np.testing.assert_array_equal(_np(a), _np(b), err_msg=a.path)
+    assert LabelMap.from_json((model_dir / "label_map.json").read_text()) == label_map
+    assert read_label_map(str(export_dir / "tiny" / "1")) == label_map
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "already holds a checkpoint" in again.stderr

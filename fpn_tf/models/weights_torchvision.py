@@ -399,3 +399,52 @@ def torchvision_state_dict(model) -> dict[str, np.ndarray]:
     or saved with ``np.savez`` for a torch-free round trip.
     """
     return {t.key: np.ascontiguousarray(t.inverse(t.variable.numpy())) for t in torchvision_targets(model)}
+
+
+_DEPTHS = {("bottleneck", 6): "resnet50", ("bottleneck", 23): "resnet101", ("bottleneck", 36): "resnet152"}
+_DEPTHS.update({("basic", 2): "resnet18", ("basic", 6): "resnet34"})
+
+
+def infer_torchvision_config(state_dict_or_path):
+    """The ``torchvision_v1`` ModelConfig whose shapes fit a torchvision Faster R-CNN state dict.
+
+    Reads the ResNet depth (blocks of ``layer3``, bottleneck or basic), its width
+    (``conv1`` channels / 64), the FPN channels, the fc dimension and
+    ``num_classes`` (rows of ``cls_score``) from the keys and shapes, so
+    fine-tuned checkpoints (other class counts) import too.
+
+    Raises:
+      WeightImportError naming what is missing when it is not such a state dict.
+    """
+    from fpn_tf.models.presets import torchvision_v1_config
+
+    state = (
+        state_dict_or_path if isinstance(state_dict_or_path, dict) else read_state_dict(state_dict_or_path)
+    )
+    needed = [
+        "backbone.body.conv1.weight",
+        "backbone.fpn.inner_blocks.0.0.weight",
+        "roi_heads.box_head.fc6.weight",
+        "roi_heads.box_predictor.cls_score.weight",
+    ]
+    absent = [k for k in needed if k not in state]
+    if absent:
+        raise WeightImportError(f"not a torchvision Faster R-CNN + FPN state dict: no {', '.join(absent)}")
+    kind = "bottleneck" if "backbone.body.layer1.0.conv3.weight" in state else "basic"
+    blocks = len({k.split(".")[3] for k in state if k.startswith("backbone.body.layer3.")})
+    if (kind, blocks) not in _DEPTHS:
+        raise WeightImportError(f"unknown ResNet: {blocks} {kind} blocks in layer3")
+    config = torchvision_v1_config(
+        num_classes=int(state["roi_heads.box_predictor.cls_score.weight"].shape[0]),
+        backbone=_DEPTHS[kind, blocks],
+    )
+    width = state["backbone.body.conv1.weight"].shape[0] / 64.0
+    fc_dim = int(state["roi_heads.box_head.fc6.weight"].shape[0])
+    return dataclasses.replace(
+        config,
+        backbone=dataclasses.replace(config.backbone, width_multiplier=width),
+        fpn=dataclasses.replace(
+            config.fpn, num_channels=int(state["backbone.fpn.inner_blocks.0.0.weight"].shape[0])
+        ),
+        roi_head=dataclasses.replace(config.roi_head, fc_dim=fc_dim),
+    )

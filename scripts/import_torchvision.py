@@ -1,0 +1,136 @@
+"""Imports a torchvision Faster R-CNN + FPN checkpoint as an fpn_tf training directory.
+
+    python scripts/import_torchvision.py \
+        --weights fasterrcnn_resnet50_fpn_coco-258fb6c6.pth --model_dir runs/torchvision_v1
+    python scripts/import_torchvision.py --weights model.npz --model_dir runs/tv --export \
+        --export_dir saved_models --name fpn_torchvision
+
+Writes into ``--model_dir`` what scripts/evaluate.py, scripts/export.py and
+scripts/predict.py read from a training directory:
+
+- ``ckpt-1.*`` + ``checkpoint``: ``tf.train.Checkpoint(model=model)``;
+- ``config.yaml``: the experiment, its model the ``torchvision_v1`` preset with
+  the depth, width, FPN channels and class count read from the state dict
+  (``--override model.a.b=value`` changes what does not affect the weights);
+- ``label_map.json``: torchvision's 91-id COCO labelling for a 91-class model
+  (label == COCO category id), else ``--label_map`` if given.
+
+``--export`` also writes a SavedModel (``fpn_tf.export.saved_model``). The state
+dict is read with ``torch.load(weights_only=True)`` (``.pth``; needs the
+``fpn_tf[torch]`` extra) or ``np.load(allow_pickle=False)`` (``.npz``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("weights", None, "torchvision state dict: .pth / .pt (torch) or .npz (numpy).")
+flags.DEFINE_string(
+    "model_dir", None, "Directory to write the checkpoint, config.yaml and label_map.json to."
+)
+flags.DEFINE_multi_string(
+    "override", [], "Config override key.path=value, e.g. model.roi_head.score_threshold=0.3."
+)
+flags.DEFINE_string(
+    "label_map", None, "Label map JSON for a model that is not torchvision's 91-class COCO one."
+)
+flags.DEFINE_bool("export", False, "Also export a SavedModel for TF Serving.")
+flags.DEFINE_string("export_dir", "saved_models", "With --export: writes <export_dir>/<name>/<version>/.")
+flags.DEFINE_string("name", "fpn_torchvision", "With --export: the model name (TF Serving's MODEL_NAME).")
+flags.DEFINE_integer("version", None, "With --export: version number; default one more than the highest.")
+flags.mark_flags_as_required(["weights", "model_dir"])
+
+
+def experiment_config(model_config, overrides):
+    """ExperimentConfig with ``model_config`` as its model, then ``a.b=value`` overrides."""
+    import yaml
+
+    from fpn_tf.config import ExperimentConfig, load_config, to_dict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "config.yaml")
+        with open(path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(to_dict(ExperimentConfig(model=model_config)), f, sort_keys=False)
+        return load_config(path, overrides)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import tensorflow as tf
+    import yaml
+
+    from fpn_tf.config import ConfigError, to_dict
+    from fpn_tf.data.label_map import LabelMap
+    from fpn_tf.models.faster_rcnn import build_faster_rcnn
+    from fpn_tf.models.presets import torchvision_coco_label_map
+    from fpn_tf.models.weights_torchvision import (
+        WeightImportError,
+        infer_torchvision_config,
+        load_torchvision_state_dict,
+        read_state_dict,
+    )
+
+    start = time.perf_counter()
+    if tf.train.latest_checkpoint(FLAGS.model_dir):
+        logging.error("%s already holds a checkpoint; choose an empty --model_dir", FLAGS.model_dir)
+        return 2
+    try:
+        state = read_state_dict(FLAGS.weights)
+        config = experiment_config(infer_torchvision_config(state), FLAGS.override)
+        model = build_faster_rcnn(config=config.model)
+        result = load_torchvision_state_dict(model, state)
+    except (WeightImportError, ConfigError, FileNotFoundError, ValueError) as e:
+        logging.error("%s", e)
+        return 2
+    label_map = None
+    if FLAGS.label_map:
+        with open(FLAGS.label_map, encoding="utf-8") as f:
+            label_map = LabelMap.from_json(f.read())
+        if label_map.num_classes != config.model.num_classes:
+            logging.error(
+                "%s has %d categories; the checkpoint has %d classes (with background)",
+                FLAGS.label_map,
+                len(label_map),
+                config.model.num_classes,
+            )
+            return 2
+    elif config.model.num_classes == 91:
+        label_map = torchvision_coco_label_map()
+    else:
+        logging.warning(
+            "no --label_map: exports will report the contiguous labels 1..%d", config.model.num_classes - 1
+        )
+
+    os.makedirs(FLAGS.model_dir, exist_ok=True)
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), FLAGS.model_dir, max_to_keep=1)
+    checkpoint = manager.save()
+    with open(os.path.join(FLAGS.model_dir, "config.yaml"), "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(config), f, sort_keys=False)
+    if label_map is not None:
+        with open(os.path.join(FLAGS.model_dir, "label_map.json"), "w", encoding="utf-8") as f:
+            f.write(label_map.to_json())
+    backbone = config.model.backbone
+    print(
+        f"imported {len(result.loaded)} tensors from {FLAGS.weights} ({backbone.name} "
+        f"x{backbone.width_multiplier:g}, {config.model.num_classes} classes) -> {checkpoint} "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
+    if FLAGS.export:
+        from fpn_tf.export.saved_model import export_saved_model
+
+        path = export_saved_model(
+            model, FLAGS.export_dir, FLAGS.name, version=FLAGS.version, label_map=label_map
+        )
+        print(f"exported {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))
