@@ -7,6 +7,9 @@ both the Keras 2 layout (the published files) and the Keras 3 layout.
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
 import warnings
 
 import h5py
@@ -229,3 +232,61 @@ def test_torchvision_resnet_npz(tmp_path):
     np.testing.assert_array_equal(
         _np(resnet.get_layer("conv1").kernel), state["conv1.weight"].transpose(2, 3, 1, 0)
     )
+
+
+RESNET_SCRIPT = """
+import sys
+import numpy as np
+import torch
+import torchvision
+
+torch.manual_seed(0)
+net = torchvision.models.resnet18(weights=None).eval()
+with torch.no_grad():
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0, 0.1)
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    torch.save(net.state_dict(), sys.argv[1])
+    x = torch.from_numpy(np.load(sys.argv[2])).permute(0, 3, 1, 2)
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    out = {}
+    for k, layer in enumerate([net.layer1, net.layer2, net.layer3, net.layer4]):
+        x = layer(x)
+        out[f"C{k + 2}"] = x.permute(0, 2, 3, 1).numpy()
+np.savez(sys.argv[3], **out)
+"""
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is None,
+    reason="torchvision is not installed (optional extra fpn_tf[torch]); the parity check needs it",
+)
+def test_torchvision_resnet_pth_matches_torchvision(tmp_path):
+    """A real torchvision resnet18 state dict (.pth with fc.* and num_batches_tracked) gives
+    torchvision's C2..C5. torchvision runs in a subprocess: importing it after TensorFlow crashes."""
+    image = np.random.default_rng(4).normal(size=(1, 67, 93, 3)).astype("float32")
+    np.save(tmp_path / "x.npy", image)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RESNET_SCRIPT,
+            str(tmp_path / "r18.pth"),
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "c.npz"),
+        ],
+        check=True,
+        timeout=300,
+    )
+    expected = np.load(tmp_path / "c.npz")
+    resnet = build_resnet(BackboneConfig(name="resnet18", bn_epsilon=1e-5))
+    result = load_torchvision_backbone(resnet, str(tmp_path / "r18.pth"))
+    assert "fc.weight" in result.ignored and "layer1.0.bn1.num_batches_tracked" in result.ignored
+    got = resnet(image)
+    for level in ("C2", "C3", "C4", "C5"):
+        assert got[level].shape == expected[level].shape, level
+        scale = np.abs(expected[level]).max()
+        np.testing.assert_allclose(_np(got[level]), expected[level], atol=1e-5 * scale, err_msg=level)
