@@ -7,6 +7,8 @@ method, so these tests do not depend on Faster R-CNN's speed.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
 
@@ -14,10 +16,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tiny import tiny_model_config
 
-from fpn_tf.config import TrainConfig
+from fpn_tf.config import DataConfig, EvalConfig, ExperimentConfig, TrainConfig, load_config
+from fpn_tf.evaluation.evaluate import evaluate, run_config
+from fpn_tf.models.faster_rcnn import LOSS_KEYS
 from fpn_tf.training import distribute, optimizer
-from fpn_tf.training.trainer import Trainer, load_init_checkpoint
+from fpn_tf.training.trainer import Trainer, load_init_checkpoint, train
 
 IMAGE_SIZE = 32
 
@@ -30,10 +35,11 @@ class TinyDetector(keras.Model):
     variables: 8 kernels/biases (decayed) and 4 norm parameters (not decayed).
     """
 
-    def __init__(self, num_classes: int = 3, nan_from_step: int = -1, **kwargs):
+    def __init__(self, num_classes: int = 3, nan_from_step: int = -1, bn_training: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.num_classes = num_classes
         self.nan_from_step = nan_from_step
+        self.bn_training = bn_training  # False: BN normalises with its moving statistics
         self.conv1 = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="conv1")
         self.bn = keras.layers.BatchNormalization(name="bn")
         self.frozen = keras.layers.Conv2D(8, 3, padding="same", name="frozen", trainable=False)
@@ -43,8 +49,8 @@ class TinyDetector(keras.Model):
         self.box = keras.layers.Dense(4, name="box")
         self.cls = keras.layers.Dense(num_classes, name="cls")
 
-    def _heads(self, images):
-        x = tf.nn.relu(self.bn(self.conv1(images / 255.0), training=False))
+    def _heads(self, images, training=False):
+        x = tf.nn.relu(self.bn(self.conv1(images / 255.0), training=training and self.bn_training))
         x = tf.nn.relu(self.frozen(x))
         x = self.pool(tf.nn.relu(self.ln(self.conv2(x))))
         return self.box(x), self.cls(x)
@@ -62,7 +68,7 @@ class TinyDetector(keras.Model):
         }
 
     def compute_losses(self, batch, training=True, step=None):
-        boxes, logits = self._heads(batch["images"])
+        boxes, logits = self._heads(batch["images"], training)
         hw = batch["image_info"][:, 0:2]
         target = batch["gt_boxes"][:, 0] / tf.concat([hw, hw], axis=1)
         box_loss = tf.reduce_mean(tf.reduce_sum(tf.abs(tf.cast(boxes, tf.float32) - target), axis=1))
@@ -288,6 +294,18 @@ def test_mirrored_two_cpus_with_xla_matches_one_device(tmp_path):
     assert any(np.abs(a - b).max() > 0 for a, b in zip(single_weights, weights(make_model())))
 
 
+def test_batchnorm_moving_statistics_agree_across_replicas(tmp_path):
+    strategy = distribute.make_strategy("mirrored")
+    trainer = Trainer(
+        lambda: make_model(bn_training=True), train_config(train_steps=2), str(tmp_path), strategy
+    )
+    trainer.fit(dataset_fn_for(tiny_examples(4, seed=5), 4))
+    for v in (trainer.model.bn.moving_mean, trainer.model.bn.moving_variance):
+        first, second = (t.numpy() for t in strategy.experimental_local_results(v.value))
+        np.testing.assert_array_equal(first, second)
+    assert np.abs(trainer.model.bn.moving_mean.numpy()).max() > 0  # they were updated
+
+
 def test_batch_size_must_divide_over_replicas(tmp_path):
     with pytest.raises(ValueError, match="divisible"):
         Trainer(
@@ -406,3 +424,51 @@ def test_init_checkpoint_only_for_a_fresh_model_dir(tmp_path):
     again = Trainer(make_model, train_config(train_steps=2), str(tmp_path / "run"), init_checkpoint=init)
     for a, b in zip(weights(again.model), trained):
         np.testing.assert_array_equal(a, b)
+
+
+# -- Faster R-CNN end to end ---------------------------------------------------
+
+
+def tiny_experiment(tmp_path, train_steps: int = 4, **train_overrides) -> ExperimentConfig:
+    """Tiny Faster R-CNN (tests/tiny.py) on 64 px synthetic shapes written under ``tmp_path``."""
+    model = tiny_model_config(num_classes=4, image_size=64)
+    model = dataclasses.replace(model, input=dataclasses.replace(model.input, random_flip=False))
+    data = DataConfig(
+        source="synthetic",
+        train_dir=str(tmp_path / "data_train"),
+        eval_dir=str(tmp_path / "data_eval"),
+        synthetic_num_train=8,
+        synthetic_num_eval=4,
+        synthetic_image_size=64,
+        synthetic_num_classes=3,
+    )
+    train = train_config(batch_size=2, train_steps=train_steps, base_learning_rate=0.01, **train_overrides)
+    return ExperimentConfig(model=model, data=data, train=train, eval=EvalConfig(batch_size=2))
+
+
+def test_train_then_evaluate_faster_rcnn(tmp_path):
+    """train() and evaluate() on the real model and data pipeline, over 2 mirrored CPUs."""
+    config = tiny_experiment(tmp_path, train_steps=3, checkpoint_every=2)
+    model_dir = str(tmp_path / "run")
+    result = train(config, model_dir, strategy_name="mirrored", xla=False)
+    assert result.step == 3 and result.checkpoint.endswith("ckpt-3")
+    assert set(result.losses) == set(LOSS_KEYS) and np.isfinite(result.losses["total_loss"])
+    assert sorted(os.listdir(model_dir)) == [
+        "checkpoint",
+        "ckpt-2.data-00000-of-00001",
+        "ckpt-2.index",
+        "ckpt-3.data-00000-of-00001",
+        "ckpt-3.index",
+        "config.yaml",
+        "label_map.json",
+        "train",
+    ]
+    assert load_config(os.path.join(model_dir, "config.yaml")) == config
+    metrics = evaluate(run_config(model_dir), model_dir=model_dir, proposals=True)
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR@100", "AR@1000"):
+        assert -1.0 <= metrics[key] <= 1.0, key
+    assert metrics["num_images"] == 4
+    with open(os.path.join(model_dir, "ckpt-3.metrics.json"), encoding="utf-8") as f:
+        record = json.load(f)
+    assert record["step"] == 3 and record["metrics"]["AP"] == metrics["AP"]
+    assert os.listdir(os.path.join(model_dir, "eval"))  # TensorBoard event file

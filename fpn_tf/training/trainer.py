@@ -42,6 +42,8 @@ from absl import logging
 from tensorflow.core.framework import summary_pb2
 
 from fpn_tf.config import ExperimentConfig, TrainConfig, to_dict
+from fpn_tf.data.pipeline import build_dataset
+from fpn_tf.models.faster_rcnn import build_faster_rcnn
 from fpn_tf.training import distribute
 from fpn_tf.training.optimizer import (
     MIXED_PRECISION_POLICIES,
@@ -190,7 +192,15 @@ class Trainer:
             )
         self._variables = list(self.model.trainable_variables)
         self._decay_mask = weight_decay_mask(self.model)
+        self._moving_statistics = [
+            v
+            for layer in self.model._flatten_layers(include_self=False, recursive=True)
+            if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+            for v in (layer.moving_mean, layer.moving_variance)
+            if v is not None
+        ]
 
+        os.makedirs(model_dir, exist_ok=True)
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step)
         self._write_dir = model_dir if self.is_chief else self._worker_tmp_dir()
         self.manager = tf.train.CheckpointManager(
@@ -228,7 +238,10 @@ class Trainer:
             if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
                 loss = self.optimizer.scale_loss(loss)
         grads = tape.gradient(loss, self._variables)
-        return losses, grads
+        # read here, after the forward pass updated them (outputs of this function
+        # carry its device, which the MultiWorker all-reduce needs)
+        statistics = [tf.convert_to_tensor(v.value) for v in self._moving_statistics]
+        return losses, grads, statistics
 
     def _train_step_fn(self, batch):
         """One step on a distributed batch (taken from the iterator eagerly, outside
@@ -236,7 +249,7 @@ class Trainer:
         the stateful ops that do not depend on the batch, e.g. the step counters)."""
 
         def replica_step(batch):
-            losses, grads = self._replica_gradients(batch, self.step.read_value())
+            losses, grads, statistics = self._replica_gradients(batch, self.step.read_value())
             present = [i for i, g in enumerate(grads) if g is not None]
             summed = tf.distribute.get_replica_context().all_reduce(
                 tf.distribute.ReduceOp.SUM, [grads[i] for i in present]
@@ -256,6 +269,7 @@ class Trainer:
                 loss_scale=loss_scale,
             )
             self.optimizer.apply(grads, self._variables)
+            self._average_moving_statistics(statistics)
             return losses
 
         per_replica = self.strategy.run(replica_step, args=(batch,))
@@ -263,6 +277,22 @@ class Trainer:
         return {
             k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in per_replica.items()
         }
+
+    def _average_moving_statistics(self, statistics: list[tf.Tensor]) -> None:
+        """Sets trainable BatchNorms' moving mean / variance to their mean over replicas.
+
+        Keras creates them with aggregation "none": under tf.distribute each
+        replica (and worker) updates its own copy from its own batch, so the
+        copies drift apart and a checkpoint holds replica 0's. Averaging after
+        every step keeps them identical everywhere; as the update is linear, the
+        result is the moving average of the replica-mean batch statistics.
+        """
+        if not self._moving_statistics or self.strategy.num_replicas_in_sync == 1:
+            return
+        ctx = tf.distribute.get_replica_context()
+        means = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, statistics)
+        for v, mean in zip(self._moving_statistics, means):
+            v.assign(mean)
 
     # -- the loop ---------------------------------------------------------------
 
@@ -412,27 +442,37 @@ def auto_xla() -> bool:
     return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
 
 
-def _default_model_fn(config: ExperimentConfig) -> Callable[[], keras.Model]:
-    def model_fn():
-        from fpn_tf.models.faster_rcnn import build_faster_rcnn
-
-        return build_faster_rcnn(config.model)
-
-    return model_fn
+def faster_rcnn_model_fn(config: ExperimentConfig) -> Callable[[], keras.Model]:
+    """The ``model_fn`` of ``config``: ``build_faster_rcnn(config=config.model)``."""
+    return lambda: build_faster_rcnn(config=config.model)
 
 
-def _default_dataset_fn(config: ExperimentConfig) -> DatasetFn:
+def train_dataset_fn(config: ExperimentConfig, model_dir: str | None = None, chief: bool = True) -> DatasetFn:
+    """The ``dataset_fn`` of ``config``: ``build_dataset`` on the train split.
+
+    Checks that ``model.num_classes`` fits the data's label map; the chief
+    writes the label map to ``model_dir/label_map.json`` (read by export).
+    """
+
     def dataset_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
-        from fpn_tf.data.pipeline import build_dataset
-
-        dataset, _ = build_dataset(
+        dataset, info = build_dataset(
             config.data,
             config.model.input,
-            split=config.data.train_split,
-            batch_size=input_context.get_per_replica_batch_size(config.train.batch_size),
+            split="train",
+            batch_size=config.train.batch_size,  # global; build_dataset divides by the replicas
             training=True,
             input_context=input_context,
+            seed=config.train.seed,
         )
+        if info.label_map.num_classes != config.model.num_classes:
+            raise ValueError(
+                f"model.num_classes={config.model.num_classes} but the training data has "
+                f"{len(info.label_map)} categories; set model.num_classes={info.label_map.num_classes} "
+                "(the categories + background)"
+            )
+        if chief and model_dir:
+            with open(os.path.join(model_dir, "label_map.json"), "w", encoding="utf-8") as f:
+                f.write(info.label_map.to_json())
         return dataset
 
     return dataset_fn
@@ -490,7 +530,7 @@ def train(
         mixed_precision,
     )
     trainer = Trainer(
-        model_fn or _default_model_fn(config),
+        model_fn or faster_rcnn_model_fn(config),
         train_cfg,
         model_dir,
         strategy=strategy,
@@ -498,4 +538,4 @@ def train(
         mixed_precision=mixed_precision,
         init_checkpoint=init_checkpoint,
     )
-    return trainer.fit(dataset_fn or _default_dataset_fn(config))
+    return trainer.fit(dataset_fn or train_dataset_fn(config, model_dir, trainer.is_chief))

@@ -1,0 +1,213 @@
+"""Runs a trained model over the eval split and computes COCO AP (and proposal AR).
+
+The model comes from a training directory (the trainer's checkpoint; the run's
+``config.yaml`` is read from there when no config is given) or from an exported
+SavedModel (``fpn_tf.export``; its ``detect`` function is called, which already
+maps labels to dataset category ids). Metrics are printed, written as JSON
+beside the checkpoint (``<model_dir>/ckpt-<step>.metrics.json``) and logged to
+TensorBoard under ``<model_dir>/eval`` at the checkpoint's step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from fpn_tf.config import ExperimentConfig, load_config
+from fpn_tf.data.pipeline import build_dataset
+from fpn_tf.evaluation.coco_evaluator import (
+    PROPOSAL_METRICS,
+    detections_to_coco,
+    evaluate_detections,
+    evaluate_proposals,
+    proposals_to_coco,
+)
+from fpn_tf.models.faster_rcnn import build_faster_rcnn
+from fpn_tf.training.trainer import write_scalars
+
+PRINTED_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def run_config(model_dir: str | None, config_path: str | None = None, overrides=None) -> ExperimentConfig:
+    """``config_path``, else ``model_dir/config.yaml`` (written by training), plus overrides."""
+    if not config_path and model_dir and os.path.isfile(os.path.join(model_dir, "config.yaml")):
+        config_path = os.path.join(model_dir, "config.yaml")
+    if not config_path:
+        raise ValueError(f"no --config given and {model_dir}/config.yaml does not exist")
+    return load_config(config_path, list(overrides or []))
+
+
+def resolve_checkpoint(model_dir: str | None, checkpoint: str | None) -> str:
+    """A checkpoint prefix: ``checkpoint`` (prefix or .index) or the latest in ``model_dir``."""
+    if checkpoint:
+        prefix = checkpoint[: -len(".index")] if checkpoint.endswith(".index") else checkpoint
+        if not tf.io.gfile.exists(prefix + ".index"):
+            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist ({prefix}.index missing)")
+        return prefix
+    if not model_dir:
+        raise ValueError("give a model_dir or a checkpoint")
+    prefix = tf.train.latest_checkpoint(model_dir)
+    if prefix is None:
+        raise FileNotFoundError(f"{model_dir} holds no checkpoint")
+    return prefix
+
+
+def checkpoint_step(prefix: str) -> int:
+    """The trainer's global step stored in checkpoint ``prefix`` (-1 if absent)."""
+    try:
+        return int(tf.train.load_checkpoint(prefix).get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE"))
+    except (tf.errors.NotFoundError, ValueError):
+        return -1
+
+
+def restore_model(config: ExperimentConfig, prefix: str) -> keras.Model:
+    """``build_faster_rcnn(config.model)`` with the weights of the trainer's checkpoint."""
+    model = build_faster_rcnn(config=config.model)
+    status = tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as e:
+        raise ValueError(
+            f"checkpoint {prefix} does not fit the model of the config "
+            f"(other backbone, num_classes or layers?): {str(e)[:400]}"
+        ) from None
+    return model
+
+
+def _predict_fns(model: keras.Model, proposals: bool, xla: bool):
+    @tf.function(jit_compile=xla)
+    def detect(images, image_info):
+        return model({"images": images, "image_info": image_info}, training=False)
+
+    @tf.function(jit_compile=xla)
+    def propose(images, image_info):
+        return model.predict_proposals(images, image_info)
+
+    return detect, (propose if proposals else None)
+
+
+def evaluate(
+    config: ExperimentConfig,
+    model_dir: str | None = None,
+    checkpoint: str | None = None,
+    saved_model: str | None = None,
+    model: keras.Model | None = None,
+    proposals: bool | None = None,
+    num_images: int | None = None,
+    batch_size: int | None = None,
+    xla: bool = False,
+    metrics_path: str | None = None,
+) -> dict[str, float]:
+    """Evaluates on ``config.data``'s eval split; returns the metrics dict.
+
+    Args:
+        config: the experiment (model, data, eval settings).
+        model_dir, checkpoint: restore the trainer's checkpoint (``checkpoint``
+            or the latest in ``model_dir``).
+        saved_model: evaluate an export instead (a version dir or its parent).
+        model: evaluate this in-memory model instead.
+        proposals: also compute proposal AR (default: only for rpn_only models;
+            rpn_only models report AR only).
+        num_images: evaluate the first N images (default ``config.eval.num_images``, 0 = all).
+        batch_size: default ``config.eval.batch_size``.
+        xla: compile inference with XLA.
+        metrics_path: JSON output (default: ``<checkpoint>.metrics.json``; none
+            for a SavedModel or an in-memory model unless given).
+
+    Returns:
+        COCO metrics (fractions; see ``coco_evaluator``), ``AR@…`` when
+        proposals are evaluated, ``num_images`` and ``seconds_per_image``.
+    """
+    rpn_only = config.model.rpn_only
+    proposals = rpn_only if proposals is None else bool(proposals)
+    limit = config.eval.num_images if num_images is None else int(num_images)
+    dataset, info = build_dataset(
+        config.data,
+        config.model.input,
+        "eval",
+        batch_size or config.eval.batch_size,
+        training=False,
+    )
+    step, prefix, label_map = -1, None, info.label_map
+    if saved_model:
+        if proposals:
+            raise ValueError("proposal AR needs the model itself: a SavedModel serves detections only")
+        from fpn_tf.export.saved_model import load_exported
+
+        loaded, _ = load_exported(saved_model)
+        detect, propose, label_map = loaded.detect, None, None  # detect() returns category ids
+    else:
+        if model is None:
+            prefix = resolve_checkpoint(model_dir, checkpoint)
+            step = checkpoint_step(prefix)
+            model = restore_model(config, prefix)
+        if model.config.num_classes != info.label_map.num_classes and not rpn_only:
+            raise ValueError(
+                f"the model has num_classes={model.config.num_classes} but the eval data has "
+                f"{len(info.label_map)} categories (+ background = {info.label_map.num_classes})"
+            )
+        detect, propose = _predict_fns(model, proposals, xla)
+
+    detections, proposal_dicts, image_ids = [], [], []
+    start = time.perf_counter()
+    for batch in dataset:
+        ids = batch["image_id"].numpy()
+        if limit > 0:
+            keep = min(len(ids), limit - len(image_ids))
+            if keep <= 0:
+                break
+            batch = {k: v[:keep] for k, v in batch.items()}
+            ids = ids[:keep]
+        images, image_info = batch["images"], batch["image_info"]
+        if not rpn_only:
+            out = detect(images, image_info)
+            detections += detections_to_coco(
+                ids,
+                out["detection_boxes"].numpy(),
+                out["detection_scores"].numpy(),
+                out["detection_classes"].numpy(),
+                out["num_detections"].numpy(),
+                label_map,
+            )
+        if propose is not None:
+            p = propose(images, image_info)
+            proposal_dicts += proposals_to_coco(
+                ids, p["proposal_boxes"].numpy(), p["proposal_scores"].numpy(), p["num_proposals"].numpy()
+            )
+        image_ids += [int(i) for i in ids]
+    seconds = time.perf_counter() - start
+    if not image_ids:
+        raise ValueError("the eval split yielded no images")
+
+    metrics: dict[str, float] = {}
+    if not rpn_only:
+        metrics.update(evaluate_detections(info.coco_gt, detections, image_ids))
+    if proposals:
+        metrics.update(evaluate_proposals(info.coco_gt, proposal_dicts, image_ids))
+    metrics["num_images"] = len(image_ids)
+    metrics["seconds_per_image"] = seconds / len(image_ids)
+    logging.info("%s", format_metrics(metrics))
+
+    if metrics_path is None and prefix is not None:
+        metrics_path = prefix + ".metrics.json"
+    if metrics_path:
+        record = {"checkpoint": prefix, "saved_model": saved_model, "step": step, "metrics": metrics}
+        with open(metrics_path, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+    if model_dir and step >= 0:
+        writer = tf.summary.create_file_writer(os.path.join(model_dir, "eval"))
+        write_scalars(writer, {f"eval/{k}": v for k, v in metrics.items() if k != "num_images"}, step)
+    return metrics
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """One line: the COCO numbers in percent (as the paper's tables print them)."""
+    keys = [k for k in PRINTED_METRICS + PROPOSAL_METRICS if k in metrics]
+    parts = [f"{k} {100.0 * metrics[k]:.1f}" if metrics[k] >= 0 else f"{k} n/a" for k in keys]
+    parts.append(f"({int(metrics['num_images'])} images, {metrics['seconds_per_image']:.3f} s/image)")
+    return "  ".join(parts)
