@@ -146,6 +146,10 @@ class ModelConfig:
     roi_head: RoIHeadConfig = field(default_factory=RoIHeadConfig)
     input: InputConfig = field(default_factory=InputConfig)
     rpn_only: bool = False  # Table 1 experiments: train and evaluate proposals only
+    # "mixed_bfloat16": backbone, FPN, RPN and box-head convs / fcs compute in bfloat16
+    # (oneDNN AVX512-BF16 / AMX kernels on CPU); weights stay float32, so float32
+    # checkpoints load unchanged, and proposal / box / score maths stays float32.
+    compute_dtype: str = "float32"  # float32 | mixed_bfloat16
 
 
 @dataclass

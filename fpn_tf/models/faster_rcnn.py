@@ -13,6 +13,7 @@ The same layers serve inference (the functional graph), training
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import keras
@@ -27,6 +28,21 @@ from fpn_tf.models.presets import preset_config
 from fpn_tf.ops import anchors as anchor_ops
 
 LOSS_KEYS = ("rpn_objectness_loss", "rpn_box_loss", "rcnn_class_loss", "rcnn_box_loss", "total_loss")
+COMPUTE_DTYPES = ("float32", "mixed_bfloat16")
+
+
+@contextlib.contextmanager
+def _dtype_policy(name: str | None):
+    """Builds layers under the Keras dtype policy ``name`` (None: leave the global one)."""
+    if name is None:
+        yield
+        return
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def _roi_levels(levels: list[str], min_level: int, max_level: int) -> list[str]:
@@ -52,6 +68,10 @@ class FasterRCNN(keras.Model):
     [B, D] int32 contiguous labels 1..num_classes-1 (0 = padding), num_detections
     [B] int32; D = roi_head.detections_per_image. With ``rpn_only`` the outputs are
     the proposals instead (see ``predict_proposals``).
+
+    ``config.compute_dtype="mixed_bfloat16"`` runs the backbone, FPN, RPN head and
+    box head in bfloat16 with float32 variables (the same checkpoints as float32);
+    their outputs are cast to float32 before any box or score maths.
     """
 
     def __init__(self, config: ModelConfig | dict | None = None, **kwargs):
@@ -62,6 +82,15 @@ class FasterRCNN(keras.Model):
         cfg = config
         if cfg.roi_head.head != "2fc":
             raise ValueError(f"roi_head.head={cfg.roi_head.head!r} is not implemented; use '2fc'")
+        if cfg.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(
+                f"compute_dtype={cfg.compute_dtype!r} is not supported; "
+                f"use one of {', '.join(COMPUTE_DTYPES)}"
+            )
+        # The convs and fcs run under compute_dtype ("float32" keeps the global policy,
+        # e.g. a trainer's); box, score and proposal maths is always float32, and the
+        # RoI pooler reads the features in their own dtype (it computes in float32).
+        compute_policy = None if cfg.compute_dtype == "float32" else cfg.compute_dtype
         specs = fpn_output_specs(cfg.backbone, cfg.fpn)
         levels = list(specs)
         level_sizes = rpn_lib.anchor_sizes_per_level(levels, cfg.anchors)
@@ -77,14 +106,20 @@ class FasterRCNN(keras.Model):
             raise ValueError(f"pyramid levels differ in channels {channels}; the shared RPN head needs one")
         (in_channels,) = channels
         roi_levels = _roi_levels(levels, cfg.roi_head.min_level, cfg.roi_head.max_level)
-
-        normalizer = PixelNormalization(cfg.input.pixel_mean, cfg.input.pixel_std, name="pixel_normalization")
-        pyramid = build_fpn_backbone(cfg.backbone, cfg.fpn, name="pyramid")
-        rpn_head = rpn_lib.RPNHead(num_anchors.pop(), cfg.rpn.conv_channels or in_channels, name="rpn_head")
-        proposal_generator = rpn_lib.ProposalGenerator(
-            to_dict(cfg.anchors), to_dict(cfg.rpn), levels, name="proposal_generator"
-        )
         r = cfg.roi_head
+
+        normalizer = PixelNormalization(
+            cfg.input.pixel_mean, cfg.input.pixel_std, dtype="float32", name="pixel_normalization"
+        )
+        with _dtype_policy(compute_policy):
+            pyramid = build_fpn_backbone(cfg.backbone, cfg.fpn, name="pyramid")
+            rpn_head = rpn_lib.RPNHead(
+                num_anchors.pop(), cfg.rpn.conv_channels or in_channels, name="rpn_head"
+            )
+            box_head = roi_lib.FastRCNNHead(cfg.num_classes, r.fc_dim, r.num_fc, name="box_head")
+        proposal_generator = rpn_lib.ProposalGenerator(
+            to_dict(cfg.anchors), to_dict(cfg.rpn), levels, dtype="float32", name="proposal_generator"
+        )
         roi_pooler = roi_lib.RoIPooler(
             roi_levels,
             r.pooler_resolution,
@@ -92,15 +127,17 @@ class FasterRCNN(keras.Model):
             r.aligned,
             r.canonical_size,
             r.canonical_level,
+            dtype="float32",
+            autocast=False,
             name="roi_pooler",
         )
-        box_head = roi_lib.FastRCNNHead(cfg.num_classes, r.fc_dim, r.num_fc, name="box_head")
         detection_generator = roi_lib.DetectionGenerator(
             r.score_threshold,
             r.nms_iou,
             r.detections_per_image,
             r.detection_pre_nms_topk,
             r.box_coder_weights,
+            dtype="float32",
             name="detection_generator",
         )
 
@@ -111,7 +148,7 @@ class FasterRCNN(keras.Model):
         proposals = proposal_generator(rpn_outputs, image_info)
         if cfg.rpn_only:
             outputs = {
-                "proposal_boxes": roi_lib.ToOriginalPixels(name="proposals_to_original")(
+                "proposal_boxes": roi_lib.ToOriginalPixels(dtype="float32", name="proposals_to_original")(
                     proposals["boxes"], image_info
                 ),
                 "proposal_scores": proposals["scores"],
