@@ -112,10 +112,18 @@ def _roi_align_flat(flat, boxes, scale, height, width, start, output_size, sampl
     taps = (2 * sampling_ratio) ** 2
     shape = tf.shape(index)
     batch, num_boxes = shape[0], shape[1]
-    values = tf.gather(flat, tf.reshape(index, [batch, -1]), batch_dims=1)  # [B, N*S*S*taps, C]
-    values = tf.reshape(values, [batch, num_boxes, output_size, output_size, taps, tf.shape(flat)[-1]])
-    weight = tf.reshape(weight, [batch, num_boxes, output_size, output_size, 1, taps])
-    pooled = tf.matmul(weight, values)[..., 0, :]  # [B, N, S, S, C]
+    index = tf.reshape(index, [batch, -1, taps])  # [B, N*S*S, taps]
+    weight = tf.reshape(weight, [batch, -1, taps])
+    # One gather per tap, accumulated in tap order: the taps of all bins together,
+    # [B, N*S*S, taps, C], would take 800 MB for 1000 RoIs of 256 channels. Without
+    # XLA the control dependency keeps one tap's gather alive at a time; XLA fuses
+    # the loop into one pass over the RoIs.
+    pooled = None
+    for t in range(taps):
+        with tf.control_dependencies([] if pooled is None else [pooled]):
+            value = tf.gather(flat, index[:, :, t], batch_dims=1) * weight[:, :, t, None]
+        pooled = value if pooled is None else pooled + value
+    pooled = tf.reshape(pooled, [batch, num_boxes, output_size, output_size, tf.shape(flat)[-1]])
     return tf.cast(pooled / float(sampling_ratio * sampling_ratio), dtype)
 
 
