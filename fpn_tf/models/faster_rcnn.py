@@ -23,10 +23,12 @@ from fpn_tf.config import ModelConfig, from_dict, to_dict
 from fpn_tf.layers.normalization import PixelNormalization
 from fpn_tf.models import roi_head as roi_lib
 from fpn_tf.models import rpn as rpn_lib
+from fpn_tf.models.conv5_head import Conv5Head
 from fpn_tf.models.fpn_backbone import build_fpn_backbone, fpn_output_specs
 from fpn_tf.models.presets import preset_config
 from fpn_tf.ops import anchors as anchor_ops
 
+BOX_HEADS = ("2fc", "conv5")
 LOSS_KEYS = ("rpn_objectness_loss", "rpn_box_loss", "rcnn_class_loss", "rcnn_box_loss", "total_loss")
 COMPUTE_DTYPES = ("float32", "mixed_bfloat16")
 
@@ -43,6 +45,14 @@ def _dtype_policy(name: str | None):
         yield
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+def _build_box_head(cfg: ModelConfig, in_channels: int) -> keras.layers.Layer:
+    """The RoI head of ``cfg.roi_head.head``: "2fc" (FPN §4.2) or "conv5" (res5, Table 3(a))."""
+    r = cfg.roi_head
+    if r.head == "conv5":
+        return Conv5Head(cfg.num_classes, cfg.backbone, in_channels, name="box_head")
+    return roi_lib.FastRCNNHead(cfg.num_classes, r.fc_dim, r.num_fc, name="box_head")
 
 
 def _roi_levels(levels: list[str], min_level: int, max_level: int) -> list[str]:
@@ -80,8 +90,10 @@ class FasterRCNN(keras.Model):
         elif isinstance(config, dict):
             config = from_dict(ModelConfig, config)
         cfg = config
-        if cfg.roi_head.head != "2fc":
-            raise ValueError(f"roi_head.head={cfg.roi_head.head!r} is not implemented; use '2fc'")
+        if cfg.roi_head.head not in BOX_HEADS:
+            raise ValueError(
+                f"unknown roi_head.head {cfg.roi_head.head!r}; valid heads: {', '.join(BOX_HEADS)}"
+            )
         if cfg.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(
                 f"compute_dtype={cfg.compute_dtype!r} is not supported; "
@@ -116,7 +128,7 @@ class FasterRCNN(keras.Model):
             rpn_head = rpn_lib.RPNHead(
                 num_anchors.pop(), cfg.rpn.conv_channels or in_channels, name="rpn_head"
             )
-            box_head = roi_lib.FastRCNNHead(cfg.num_classes, r.fc_dim, r.num_fc, name="box_head")
+            box_head = _build_box_head(cfg, in_channels)
         proposal_generator = rpn_lib.ProposalGenerator(
             to_dict(cfg.anchors), to_dict(cfg.rpn), levels, dtype="float32", name="proposal_generator"
         )

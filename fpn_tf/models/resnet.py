@@ -177,3 +177,51 @@ def build_resnet(
             x = builder.block(x, kind, planes, stride, f"layer{stage + 1}_{index}")
         outputs[f"C{stage + 2}"] = x
     return keras.Model(images, outputs, name=name or config.name)
+
+
+def build_resnet_stage(
+    config: BackboneConfig,
+    stage: int,
+    input_channels: int,
+    stride: int = 2,
+    name: str | None = None,
+) -> keras.Model:
+    """Builds one ResNet stage res{stage} (``layer{stage - 1}``) alone, e.g. as a RoI head.
+
+    The blocks, widths, norm and layer names are those ``build_resnet(config)``
+    gives the stage, so ``build_resnet_stage(config, 5, c4_channels)`` is the
+    "conv5 head" of the C4 Faster R-CNN baseline (He et al., FPN paper Table
+    3(a)) and can take torchvision's ``layer4.*`` weights. The stage is
+    trainable unless ``config.freeze_at >= stage`` (as in ``build_resnet``).
+
+    Args:
+      config: architecture, width, norm (see ``build_resnet``).
+      stage: 2..5 (res2..res5).
+      input_channels: channels of the input map (e.g. C4's).
+      stride: stride of the stage's first block (2 as in the backbone; 1 keeps
+        the resolution).
+      name: model name; defaults to ``f"res{stage}"``.
+
+    Returns:
+      A model mapping ``[N, h, w, input_channels]`` float32 to
+      ``[N, ceil(h / stride), ceil(w / stride), C]`` with C the stage's output
+      channels (``resnet_output_specs(config)[f"C{stage}"][0]``), e.g. res5 of a
+      ResNet-50: ``[N, 14, 14, 1024] -> [N, 7, 7, 2048]``.
+    """
+    _check_config(config)
+    if not 2 <= stage <= 5:
+        raise ValueError(f"stage must be 2..5 (res2..res5), got {stage}")
+    if input_channels < 1:
+        raise ValueError(f"input_channels must be >= 1, got {input_channels}")
+    if stride not in (1, 2):
+        raise ValueError(f"stride must be 1 or 2, got {stride}")
+    kind, depths = _ARCHITECTURES[config.name]
+    builder = _Builder(config)
+    builder.trainable = config.freeze_at < stage
+    index = stage - 2
+    planes = _width(64 * 2**index, config.width_multiplier)
+    inputs = keras.Input(shape=(None, None, input_channels), name="features")
+    x = inputs
+    for block in range(depths[index]):
+        x = builder.block(x, kind, planes, stride if block == 0 else 1, f"layer{index + 1}_{block}")
+    return keras.Model(inputs, x, name=name or f"res{stage}")
