@@ -13,6 +13,7 @@ scalars under ``<model_dir>/eval``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import app, flags
@@ -37,10 +38,13 @@ def main(argv):
         raise app.UsageError("give --model_dir, --checkpoint or --saved_model")
     from fpn_tf.evaluation.evaluate import evaluate, format_metrics, run_config
 
-    config = run_config(FLAGS.model_dir, FLAGS.config, FLAGS.override)
+    model_dir = FLAGS.model_dir
+    if not model_dir and FLAGS.checkpoint:
+        model_dir = os.path.dirname(os.path.abspath(FLAGS.checkpoint))  # its config.yaml, eval logs
+    config = run_config(model_dir, FLAGS.config, FLAGS.override)
     metrics = evaluate(
         config,
-        model_dir=FLAGS.model_dir,
+        model_dir=model_dir,
         checkpoint=FLAGS.checkpoint,
         saved_model=FLAGS.saved_model,
         proposals=FLAGS.proposals,

@@ -20,7 +20,8 @@ from tiny import tiny_model_config
 
 from fpn_tf.config import DataConfig, EvalConfig, ExperimentConfig, TrainConfig, load_config
 from fpn_tf.evaluation.evaluate import evaluate, run_config
-from fpn_tf.models.faster_rcnn import LOSS_KEYS
+from fpn_tf.models.faster_rcnn import LOSS_KEYS, build_faster_rcnn
+from fpn_tf.models.weights_torchvision import torchvision_state_dict
 from fpn_tf.training import distribute, optimizer
 from fpn_tf.training.trainer import Trainer, load_init_checkpoint, train
 
@@ -144,6 +145,16 @@ def weights(model: keras.Model) -> list[np.ndarray]:
     return [v.numpy() for v in model.weights]
 
 
+def summary_tags(log_dir: str) -> dict[str, str]:
+    """{tag: plugin name} of every summary in the TensorBoard event files of ``log_dir``."""
+    tags = {}
+    for name in os.listdir(log_dir):
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(log_dir, name)):
+            for value in event.summary.value:
+                tags[value.tag] = value.metadata.plugin_data.plugin_name
+    return tags
+
+
 # -- optimizer.py ----------------------------------------------------------------
 
 
@@ -265,7 +276,9 @@ def test_loss_goes_down(tmp_path):
     after = float(trainer.model.compute_losses(batch)["total_loss"])
     assert result.step == 150
     assert after < 0.5 * before, (before, after)
-    assert os.path.exists(os.path.join(tmp_path, "train"))  # TensorBoard summaries
+    tags = summary_tags(os.path.join(tmp_path, "train"))
+    assert {"losses/total_loss", "losses/box_loss", "learning_rate", "steps_per_second"} <= set(tags)
+    assert set(tags.values()) == {"scalars"}  # TensorBoard's scalar plugin
     assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-150")
 
 
@@ -407,8 +420,27 @@ def test_load_init_checkpoint_formats(tmp_path):
         load_init_checkpoint(target, path)
         for a, b in zip(weights(target), weights(source)):
             np.testing.assert_array_equal(a, b)
-    with pytest.raises(FileNotFoundError, match="neither"):
+    with pytest.raises(FileNotFoundError, match="neither a weights file"):
         load_init_checkpoint(make_model(), str(tmp_path / "missing"))
+
+
+def test_init_checkpoint_from_a_torchvision_state_dict(tmp_path):
+    """A .npz torchvision state dict initialises the ResNet body only."""
+    keras.utils.set_random_seed(0)
+    source = build_faster_rcnn(config=tiny_model_config())
+    state = torchvision_state_dict(source)
+    np.savez(tmp_path / "tv.npz", **state)
+    keras.utils.set_random_seed(1)
+    target = build_faster_rcnn(config=tiny_model_config())
+    load_init_checkpoint(target, str(tmp_path / "tv.npz"))
+    loaded = torchvision_state_dict(target)
+    body = [k for k in state if k.startswith("backbone.body.")]
+    assert len(body) > 50
+    for k in body:
+        np.testing.assert_array_equal(loaded[k], state[k], err_msg=k)
+    assert not np.array_equal(
+        loaded["backbone.fpn.inner_blocks.0.0.weight"], state["backbone.fpn.inner_blocks.0.0.weight"]
+    )
 
 
 def test_init_checkpoint_only_for_a_fresh_model_dir(tmp_path):
@@ -471,4 +503,4 @@ def test_train_then_evaluate_faster_rcnn(tmp_path):
     with open(os.path.join(model_dir, "ckpt-3.metrics.json"), encoding="utf-8") as f:
         record = json.load(f)
     assert record["step"] == 3 and record["metrics"]["AP"] == metrics["AP"]
-    assert os.listdir(os.path.join(model_dir, "eval"))  # TensorBoard event file
+    assert {"eval/AP", "eval/AP50", "eval/AR@1000"} <= set(summary_tags(os.path.join(model_dir, "eval")))

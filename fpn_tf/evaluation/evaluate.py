@@ -146,6 +146,7 @@ def evaluate(
             prefix = resolve_checkpoint(model_dir, checkpoint)
             step = checkpoint_step(prefix)
             model = restore_model(config, prefix)
+            model_dir = model_dir or os.path.dirname(prefix)
         if model.config.num_classes != info.label_map.num_classes and not rpn_only:
             raise ValueError(
                 f"the model has num_classes={model.config.num_classes} but the eval data has "

@@ -44,6 +44,8 @@ from tensorflow.core.framework import summary_pb2
 from fpn_tf.config import ExperimentConfig, TrainConfig, to_dict
 from fpn_tf.data.pipeline import build_dataset
 from fpn_tf.models.faster_rcnn import build_faster_rcnn
+from fpn_tf.models.weights_keras_applications import load_keras_applications_backbone
+from fpn_tf.models.weights_torchvision import load_torchvision_backbone
 from fpn_tf.training import distribute
 from fpn_tf.training.optimizer import (
     MIXED_PRECISION_POLICIES,
@@ -70,22 +72,33 @@ def load_init_checkpoint(model: keras.Model, path: str) -> None:
     """Initialises ``model`` (or its backbone) from ``path`` before training.
 
     The hook for pretrained weights, used only when ``model_dir`` holds no
-    checkpoint of its own. Formats:
+    checkpoint of its own. Formats, by file name:
 
-    - ``*.weights.h5`` (Keras): loaded into ``model.backbone`` if the model has
-      that attribute or a layer named "backbone", else into the whole model;
+    - ``*.weights.h5`` (Keras ``save_weights``): loaded into ``model.backbone``
+      if the model has that attribute or a layer named "backbone", else into
+      the whole model;
+    - other ``*.h5``: a Keras-applications ImageNet ResNet file, loaded into the
+      ResNet body (``weights_keras_applications.load_keras_applications_backbone``);
+    - ``*.pth`` / ``*.pt`` / ``*.npz``: a torchvision ResNet (ImageNet) state
+      dict, or the backbone of a torchvision detector
+      (``weights_torchvision.load_torchvision_backbone``);
     - a TF checkpoint (prefix, directory or ``*.index``) written by this
       trainer (``model/...``) or by ``tf.train.Checkpoint(backbone=...)``:
       every variable present in both is restored, the rest keep their init.
-
-    Other formats (torchvision ``.pth``, ImageNet ``.h5``) belong here as
-    further branches.
     """
+    if path.endswith((".h5", ".pth", ".pt", ".npz")) and not os.path.exists(path):
+        raise FileNotFoundError(f"init checkpoint {path} does not exist")
     if path.endswith(".weights.h5"):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"init checkpoint {path} does not exist")
         _backbone_or_model(model).load_weights(path)
         logging.info("initialised %s from %s", _backbone_or_model(model).name, path)
+        return
+    if path.endswith(".h5"):
+        result = load_keras_applications_backbone(model, path)
+        logging.info("initialised the ResNet body from %s (%d layers)", path, len(result.loaded))
+        return
+    if path.endswith((".pth", ".pt", ".npz")):
+        result = load_torchvision_backbone(model, path)
+        logging.info("initialised the ResNet body from %s (%d tensors)", path, len(result.loaded))
         return
     prefix = path[: -len(".index")] if path.endswith(".index") else path
     if os.path.isdir(prefix):
@@ -95,8 +108,8 @@ def load_init_checkpoint(model: keras.Model, path: str) -> None:
         prefix = latest
     if not tf.io.gfile.exists(prefix + ".index"):
         raise FileNotFoundError(
-            f"init checkpoint {path!r} is neither a .weights.h5 file nor a TF checkpoint "
-            f"({prefix}.index does not exist)"
+            f"init checkpoint {path!r} is neither a weights file (.weights.h5, .h5, .pth, .pt, "
+            f".npz) nor a TF checkpoint ({prefix}.index does not exist)"
         )
     names = {name.split("/")[0] for name, _ in tf.train.list_variables(prefix)}
     if "model" in names:
@@ -211,7 +224,13 @@ class Trainer:
         )
         latest = tf.train.latest_checkpoint(model_dir)
         if latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            try:
+                self.checkpoint.restore(latest).assert_existing_objects_matched()
+            except AssertionError as e:
+                raise ValueError(
+                    f"{latest} does not fit this model / optimizer (was model_dir trained with another "
+                    f"config?): {str(e)[:400]}"
+                ) from None
             logging.info("resumed from %s at step %d", latest, int(self.step.numpy()))
         elif init_checkpoint:
             load_init_checkpoint(self.model, init_checkpoint)
