@@ -1,0 +1,1 @@
+"""Benchmarks of fpn_tf against torchvision (``python bench/benchmark.py --help``)."""

@@ -1,0 +1,92 @@
+"""bench/benchmark.py runs end to end in --tiny mode and writes a complete JSON report.
+
+No timing is asserted: only that every configuration ran, was timed, and reported
+its FLOPs and peak memory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_TORCHVISION = bool(importlib.util.find_spec("torch") and importlib.util.find_spec("torchvision"))
+
+
+def _run(tmp_path, *args) -> dict:
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "benchmark.py"), "--tiny", f"--output={out}", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "median s" in proc.stdout  # the table
+    return json.loads(out.read_text())
+
+
+def test_tiny_benchmark_in_one_process_covers_every_variant(tmp_path):
+    args = ["--noisolate", "--impls=keras,keras_bf16,saved_model", "--train_impls=keras"]
+    if HAS_TORCHVISION:
+        args.append("--compare=torchvision")
+    report = _run(tmp_path, *args)
+    assert report["errors"] == []
+    assert report["meta"]["repeats"] == 1 and report["meta"]["machine"]["cores"] >= 1
+    rows = {(r["task"], r["impl"]): r for r in report["results"]}
+    expected = {
+        ("inference", "keras"),
+        ("inference", "keras_bf16"),
+        ("inference", "saved_model"),
+        ("train", "keras"),
+    }
+    if HAS_TORCHVISION:
+        expected |= {("inference", "torchvision"), ("train", "torchvision")}
+    assert set(rows) == expected
+    for row in rows.values():
+        assert (row["height"], row["width"], row["batch"]) == (128, 128, 1)
+        assert len(row["times_s"]) == 1 and row["median_s"] > 0
+        assert row["flops"] > 0 and row["gflops_per_s"] > 0
+        assert row["peak_rss_mb"] > 0
+    assert rows[("inference", "keras_bf16")]["compute_dtype"] == "mixed_bfloat16"
+    assert rows[("inference", "keras")]["network_input"] == [128, 128]
+    # bfloat16 and the SavedModel run the same graph as the Keras model: same FLOPs.
+    assert rows[("inference", "keras_bf16")]["flops"] == rows[("inference", "keras")]["flops"]
+    assert rows[("inference", "saved_model")]["flops"] == rows[("inference", "keras")]["flops"]
+    # A training step costs more than a forward pass.
+    assert rows[("train", "keras")]["flops"] > 2 * rows[("inference", "keras")]["flops"]
+    if HAS_TORCHVISION:
+        assert rows[("inference", "torchvision")]["vs_torchvision"] == 1.0
+        assert rows[("inference", "keras")]["vs_torchvision"] > 0
+
+
+def test_tiny_benchmark_isolates_each_configuration_in_a_process(tmp_path):
+    report = _run(tmp_path, "--tasks=inference", "--impls=keras")
+    assert report["meta"]["isolated_processes"] is True
+    (row,) = report["results"]
+    assert row["impl"] == "keras" and row["isolated"] is True
+    # A fresh process importing TensorFlow and building a model: hundreds of MB.
+    assert row["peak_rss_mb"] > 200
+
+
+def test_bad_sizes_are_rejected_with_a_clear_message(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "bench", "benchmark.py"),
+            "--sizes=800by1333",
+            "--tasks=inference",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode != 0
+    assert "800by1333" in proc.stderr and "HEIGHTxWIDTH" in proc.stderr
