@@ -19,7 +19,9 @@ import tensorflow as tf
 from tiny import tiny_model_config
 
 from fpn_tf.config import DataConfig, EvalConfig, ExperimentConfig, TrainConfig, load_config
-from fpn_tf.evaluation.evaluate import evaluate, run_config
+from fpn_tf.data.label_map import LabelMap
+from fpn_tf.evaluation.evaluate import evaluate, restore_model, run_config
+from fpn_tf.export.saved_model import export_saved_model
 from fpn_tf.models.faster_rcnn import LOSS_KEYS, build_faster_rcnn
 from fpn_tf.models.weights_torchvision import torchvision_state_dict
 from fpn_tf.training import distribute, optimizer
@@ -504,3 +506,11 @@ def test_train_then_evaluate_faster_rcnn(tmp_path):
         record = json.load(f)
     assert record["step"] == 3 and record["metrics"]["AP"] == metrics["AP"]
     assert {"eval/AP", "eval/AP50", "eval/AR@1000"} <= set(summary_tags(os.path.join(model_dir, "eval")))
+
+    # the exported SavedModel (fpn_tf.export) evaluates to the same numbers
+    label_map = LabelMap.from_json(open(os.path.join(model_dir, "label_map.json"), encoding="utf-8").read())
+    model = restore_model(config, result.checkpoint)
+    export_saved_model(model, str(tmp_path / "export"), "tiny", label_map=label_map)
+    served = evaluate(config, saved_model=str(tmp_path / "export" / "tiny"))
+    for key in ("AP", "AP50", "APs", "APm", "APl"):
+        assert served[key] == pytest.approx(metrics[key], abs=1e-6), key
