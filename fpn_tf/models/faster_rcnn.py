@@ -208,7 +208,7 @@ class FasterRCNN(keras.Model):
             ids = tf.cast(tf.math.floormod(tf.cast(batch["image_id"], tf.int64), 2**31 - 1), tf.int32)
         else:
             ids = tf.range(batch_size, dtype=tf.int32)
-        step = tf.cast(step, tf.int32)
+        step = tf.cast(0 if step is None else step, tf.int32)
 
         def seeds(stage: int) -> tf.Tensor:
             return tf.stack([ids, tf.fill([batch_size], step * 2 + stage)], axis=1)
