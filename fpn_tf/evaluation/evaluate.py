@@ -27,7 +27,8 @@ from fpn_tf.evaluation.coco_evaluator import (
     evaluate_proposals,
     proposals_to_coco,
 )
-from fpn_tf.models.faster_rcnn import build_faster_rcnn
+from fpn_tf.training import checkpoints
+from fpn_tf.training.checkpoints import checkpoint_prefix
 from fpn_tf.training.trainer import write_scalars
 
 PRINTED_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -44,17 +45,9 @@ def run_config(model_dir: str | None, config_path: str | None = None, overrides=
 
 def resolve_checkpoint(model_dir: str | None, checkpoint: str | None) -> str:
     """A checkpoint prefix: ``checkpoint`` (prefix or .index) or the latest in ``model_dir``."""
-    if checkpoint:
-        prefix = checkpoint[: -len(".index")] if checkpoint.endswith(".index") else checkpoint
-        if not tf.io.gfile.exists(prefix + ".index"):
-            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist ({prefix}.index missing)")
-        return prefix
-    if not model_dir:
+    if not (checkpoint or model_dir):
         raise ValueError("give a model_dir or a checkpoint")
-    prefix = tf.train.latest_checkpoint(model_dir)
-    if prefix is None:
-        raise FileNotFoundError(f"{model_dir} holds no checkpoint")
-    return prefix
+    return checkpoint_prefix(checkpoint or model_dir)
 
 
 def checkpoint_step(prefix: str) -> int:
@@ -67,16 +60,7 @@ def checkpoint_step(prefix: str) -> int:
 
 def restore_model(config: ExperimentConfig, prefix: str) -> keras.Model:
     """``build_faster_rcnn(config.model)`` with the weights of the trainer's checkpoint."""
-    model = build_faster_rcnn(config=config.model)
-    status = tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
-    try:
-        status.assert_existing_objects_matched()
-    except AssertionError as e:
-        raise ValueError(
-            f"checkpoint {prefix} does not fit the model of the config "
-            f"(other backbone, num_classes or layers?): {str(e)[:400]}"
-        ) from None
-    return model
+    return checkpoints.restore_model(config.model, prefix)
 
 
 def _predict_fns(model: keras.Model, proposals: bool, xla: bool):

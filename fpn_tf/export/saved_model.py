@@ -30,6 +30,7 @@ import tensorflow as tf
 from fpn_tf.config import ExperimentConfig, ModelConfig, from_dict, load_config, to_dict
 from fpn_tf.data.label_map import LabelMap
 from fpn_tf.export.serving import DetectionModule
+from fpn_tf.training.checkpoints import restore_model  # noqa: F401  (re-exported for the scripts)
 
 LABEL_MAP_ASSET = "label_map.json"
 MODEL_CONFIG_ASSET = "model_config.json"
@@ -166,54 +167,6 @@ def experiment_config(model_dir: str | None, config_path: str | None, overrides=
     if not config_path and model_dir and os.path.isfile(os.path.join(model_dir, "config.yaml")):
         config_path = os.path.join(model_dir, "config.yaml")
     return load_config(config_path or None, list(overrides or []))
-
-
-def latest_checkpoint(path: str) -> str:
-    """A checkpoint prefix from a training directory, a prefix or a ``.index`` file."""
-    prefix = path[: -len(".index")] if path.endswith(".index") else path
-    if os.path.isdir(prefix):
-        found = tf.train.latest_checkpoint(prefix)
-        if found is None:
-            raise FileNotFoundError(f"{prefix} holds no TF checkpoint (no 'checkpoint' file)")
-        return found
-    if not tf.io.gfile.exists(prefix + ".index"):
-        raise FileNotFoundError(f"{path} is neither a training directory nor a checkpoint prefix")
-    return prefix
-
-
-def restore_model(config: ModelConfig, model_dir: str | None = None):
-    """Builds ``FasterRCNN(config)`` and restores the trainer's weights from ``model_dir``.
-
-    The trainer saves ``tf.train.Checkpoint(model=..., optimizer=..., step=...)``;
-    only ``model`` is read (``expect_partial``), and every model variable must be
-    found in the checkpoint. ``model_dir`` None keeps the fresh initialisation.
-    """
-    from fpn_tf.models.faster_rcnn import build_faster_rcnn
-
-    model = build_faster_rcnn(config=config)
-    if model_dir:
-        prefix = latest_checkpoint(model_dir)
-        checkpoint = tf.train.Checkpoint(model=model)
-        # A variable the checkpoint's object graph cannot reach is neither saved nor
-        # restored, and assert_existing_objects_matched does not notice it.
-        reachable = {id(obj) for obj in tf.train.TrackableView(checkpoint).descendants()}
-        untracked = [v.path for v in model.variables if id(v) not in reachable]
-        if untracked:
-            raise ValueError(
-                f"{len(untracked)} model variable(s) are not tracked by tf.train.Checkpoint(model=...), so "
-                f"no checkpoint holds them and {prefix} cannot restore them: {', '.join(untracked[:12])}"
-                f"{' ...' if len(untracked) > 12 else ''} (sub-layers kept in a list or dict are not "
-                "tracked by Keras 3 checkpoints; assign each to its own attribute)"
-            )
-        status = checkpoint.restore(prefix).expect_partial()
-        try:
-            status.assert_existing_objects_matched()
-        except AssertionError as e:
-            raise ValueError(
-                f"checkpoint {prefix} does not fit the model built from the config "
-                f"(different backbone, num_classes or layers?): {str(e)[:500]}"
-            ) from None
-    return model
 
 
 def default_label_map(model_dir: str | None, label_map_path: str | None) -> LabelMap | None:
