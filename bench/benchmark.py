@@ -61,7 +61,9 @@ flags.DEFINE_list(
     f"fpn_tf inference variants: {workloads.TF_IMPLS}",
 )
 flags.DEFINE_list(
-    "train_impls", ["keras", "keras_xla"], "fpn_tf training variants: keras, keras_xla, keras_bf16"
+    "train_impls",
+    ["keras", "keras_bf16"],
+    "fpn_tf training variants: keras, keras_bf16 (compute_dtype=mixed_bfloat16), keras_xla",
 )
 flags.DEFINE_enum("compare", "", ["", "torchvision"], "also time this peer, alternating with fpn_tf")
 flags.DEFINE_integer("repeats", 7, "timed calls per configuration (the median is reported)")
@@ -393,7 +395,9 @@ def main(argv):
         for group in groups:
             print(f"{group.name}: {', '.join(group.impls)}", flush=True)
             try:
-                results.extend(run_group(group, model_config, saved_models))
+                group_results = run_group(group, model_config, saved_models)
+                results.extend(group_results)
+                print(format_table(group_results), flush=True)
             except RuntimeError as e:
                 errors.append(f"{group.name}: {e}")
                 print(f"{group.name} failed:\n{e}", file=sys.stderr, flush=True)
@@ -401,9 +405,8 @@ def main(argv):
         shutil.rmtree(export_base, ignore_errors=True)
     meta["load_average_after"] = list(os.getloadavg())
     meta["wall_s"] = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
-    print()
     if results:
-        print(format_table(results))
+        print("\nall groups:\n" + format_table(results))
     before, after = meta["load_average_before"][0], meta["load_average_after"][0]
     machine = meta["machine"]
     print(
