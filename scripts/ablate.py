@@ -21,6 +21,9 @@ the paper's numbers beside them), the command, date and run time are written int
 ``--doc`` between the markers ``<!-- ablate:begin -->`` / ``<!-- ablate:end -->``
 (text outside them is kept), and a Pillow bar chart of AR_s / AP_s to ``--chart``.
 
+Running a finished command again trains nothing and rewrites the report from
+``results.json`` with the original run's command, date and time (``run.json``).
+
 ``--tiny`` shrinks everything (a 128-px dataset of a few images, a quarter-width
 ResNet-18, 2 steps per row) so the whole script runs in a test.
 """
@@ -85,6 +88,7 @@ class Row:
     variant: str  # FPNConfig.variant
     lateral: bool
     top_down: bool
+    short: str  # label in the chart
     head: str = ""  # Table 3: RoIHeadConfig.head
 
     @property
@@ -93,15 +97,15 @@ class Row:
 
 
 ROWS = (
-    Row(1, "a", "baseline on conv4", "C4", "c4", False, False),
-    Row(1, "b", "baseline on conv5", "C5", "c5", False, False),
-    Row(1, "c", "FPN", "{P_k}", "fpn", True, True),
-    Row(1, "d", "bottom-up pyramid", "{P_k}", "bottom_up", True, False),
-    Row(1, "e", "top-down pyramid, w/o lateral", "{P_k}", "no_lateral", False, True),
-    Row(1, "f", "only finest level", "P2", "p2_only", True, True),
-    Row(3, "a", "baseline on conv4", "C4", "c4", False, False, head="conv5"),
-    Row(3, "b", "baseline on conv5", "C5", "c5", False, False, head="2fc"),
-    Row(3, "c", "FPN", "{P_k}", "fpn", True, True, head="2fc"),
+    Row(1, "a", "baseline on conv4", "C4", "c4", False, False, "C4"),
+    Row(1, "b", "baseline on conv5", "C5", "c5", False, False, "C5"),
+    Row(1, "c", "FPN", "{P_k}", "fpn", True, True, "FPN"),
+    Row(1, "d", "bottom-up pyramid", "{P_k}", "bottom_up", True, False, "bottom-up"),
+    Row(1, "e", "top-down pyramid, w/o lateral", "{P_k}", "no_lateral", False, True, "no lateral"),
+    Row(1, "f", "only finest level", "P2", "p2_only", True, True, "P2 only"),
+    Row(3, "a", "baseline on conv4", "C4", "c4", False, False, "C4 conv5", head="conv5"),
+    Row(3, "b", "baseline on conv5", "C5", "c5", False, False, "C5 2fc", head="2fc"),
+    Row(3, "c", "FPN", "{P_k}", "fpn", True, True, "FPN 2fc", head="2fc"),
 )
 
 # The paper's numbers (ResNet-50, COCO minival; Lin et al. 2017, Tables 1 and 3).
@@ -492,7 +496,7 @@ def draw_chart(results: dict, path: str, width: int = 1100, height: int = 460) -
                 y = bottom - (bottom - top) * value / vmax
                 draw.rectangle([left, y, left + bar - 1, bottom], fill=fill)
                 draw.text((left, y - 16), f"{value:.1f}", fill=(0, 0, 0), font=font)
-            label = f"({r.row}) {r.feature}" + (f" {r.head}" if r.head else "")
+            label = f"({r.row}) {r.short}"
             tw = draw.textlength(label, font=font)
             draw.text((cx - tw / 2, bottom + 8), label, fill=(0, 0, 0), font=font)
         x0 += panel_w + gap
@@ -545,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     results_path = os.path.join(args.out_dir, "results.json")
     results = load_results(results_path)
     started = time.perf_counter()
+    trained = 0
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     for row in rows:
         config = row_config(base, row)
@@ -560,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(model_dir)
         print(f"[ablate] {row.key}: training {config.train.train_steps} steps", flush=True)
         results[row.key] = run_row(config, row, model_dir)
+        trained += 1
         save_results(results_path, results)
         m = results[row.key]["metrics"]
         shown = TABLE1_METRICS if row.table == 1 else TABLE3_METRICS
@@ -576,18 +582,24 @@ def main(argv: list[str] | None = None) -> int:
         for r in ROWS
         if r.key in results and results[r.key]["config_digest"] == config_digest(row_config(base, r))
     }
-    run = {
-        "command": "python scripts/ablate.py " + shlex.join(argv),
-        "date": date,
-        "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, {platform.system()}",
-        "wall_time": f"{wall / 60:.1f} min",
-    }
+    run_path = os.path.join(args.out_dir, "run.json")
+    if trained == 0 and os.path.isfile(run_path):
+        # Nothing trained: the report keeps the command, date and time of the run that did.
+        with open(run_path, encoding="utf-8") as f:
+            run = json.load(f)
+    else:
+        run = {
+            "command": "python scripts/ablate.py " + shlex.join(argv),
+            "date": date,
+            "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, {platform.system()}",
+            "wall_time": f"{wall / 60:.1f} min",
+        }
     chart_name = os.path.basename(args.chart) if args.chart else "ablations.png"
     if args.chart:
         draw_chart(current, args.chart)
     if args.doc:
         write_doc(args.doc, results_markdown(current, base, run, chart_name))
-    with open(os.path.join(args.out_dir, "run.json"), "w", encoding="utf-8") as f:
+    with open(run_path, "w", encoding="utf-8") as f:
         json.dump(run, f, indent=2)
     for text, ok in ordering_checks(current):
         print(f"[ablate] {text}: {'-' if ok is None else ok}")

@@ -275,10 +275,16 @@ def test_tiny_run_fills_tables_and_resumes(tmp_path, capsys):
     assert f"| (c) FPN | {{P_k}} | 4.1k / 200k | ✓ | ✓ | {fpn_ar} | 44.0 |" in text
     assert Image.open(chart).size == (1100, 460)
 
-    # Again: every row is done, nothing retrains and the results stay.
+    # Again: every row is done, nothing retrains, the results stay and the report keeps
+    # the first run's command, date and wall time.
+    with open(out / "run.json") as f:
+        run = json.load(f)
     capsys.readouterr()
-    assert ablate.main(argv) == 0
+    assert ablate.main(argv + ["--chart=" + str(tmp_path / "again.png")]) == 0
     assert capsys.readouterr().out.count("done before, skipped") == 3
     with open(out / "results.json") as f:
         assert json.load(f) == results
+    with open(out / "run.json") as f:
+        assert json.load(f) == run
+    assert f"Run on {run['date']}" in doc.read_text() and run["wall_time"] in doc.read_text()
     keras.backend.clear_session()
