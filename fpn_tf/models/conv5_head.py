@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from fpn_tf.config import BackboneConfig, from_dict, to_dict
 from fpn_tf.models.resnet import build_resnet_stage, resnet_output_specs
+from fpn_tf.models.roi_head import class_and_box_output_spec, class_and_box_outputs
 
 
 @keras.saving.register_keras_serializable(package="fpn_tf")
@@ -75,19 +76,10 @@ class Conv5Head(keras.layers.Layer):
         x = tf.reshape(pooled, [b * n, s1, s2, self.in_channels])
         x = self.res5(x, training=training)
         x = tf.reduce_mean(x, axis=[1, 2])  # global average pool: [B * N, hidden_dim]
-        logits = tf.cast(self.class_logits(x), tf.float32)
-        deltas = tf.cast(self.box_deltas(x), tf.float32)
-        return (
-            tf.reshape(logits, [b, n, self.num_classes]),
-            tf.reshape(deltas, [b, n, self.num_classes, 4]),
-        )
+        return class_and_box_outputs(self.class_logits, self.box_deltas, x, b, n, self.num_classes)
 
     def compute_output_spec(self, pooled, training=None):
-        b, n = pooled.shape[:2]
-        return (
-            keras.KerasTensor((b, n, self.num_classes), dtype="float32"),
-            keras.KerasTensor((b, n, self.num_classes, 4), dtype="float32"),
-        )
+        return class_and_box_output_spec(pooled, self.num_classes)
 
     def get_config(self):
         return {

@@ -124,6 +124,32 @@ class RoIPooler(keras.layers.Layer):
         }
 
 
+def class_and_box_outputs(class_layer, box_layer, features, batch, num_rois, num_classes):
+    """Sibling class-score and class-specific box layers on per-RoI features.
+
+    Args:
+      features: [batch * num_rois, D] RoI features.
+
+    Returns:
+      (class_logits [batch, num_rois, K] float32, box_deltas [batch, num_rois, K, 4] float32).
+    """
+    logits = tf.cast(class_layer(features), tf.float32)
+    deltas = tf.cast(box_layer(features), tf.float32)
+    return (
+        tf.reshape(logits, [batch, num_rois, num_classes]),
+        tf.reshape(deltas, [batch, num_rois, num_classes, 4]),
+    )
+
+
+def class_and_box_output_spec(pooled, num_classes):
+    """KerasTensor specs of ``class_and_box_outputs`` for pooled RoIs [B, N, ...]."""
+    b, n = pooled.shape[:2]
+    return (
+        keras.KerasTensor((b, n, num_classes), dtype="float32"),
+        keras.KerasTensor((b, n, num_classes, 4), dtype="float32"),
+    )
+
+
 @keras.saving.register_keras_serializable(package="fpn_tf")
 class FastRCNNHead(keras.layers.Layer):
     """Two fc layers + ReLU, then class scores and class-specific box deltas (§4.2).
@@ -182,19 +208,10 @@ class FastRCNNHead(keras.layers.Layer):
         x = tf.reshape(pooled, [b * n, s1 * s2 * c])
         for fc in self.fcs:
             x = fc(x)
-        logits = tf.cast(self.class_logits(x), tf.float32)
-        deltas = tf.cast(self.box_deltas(x), tf.float32)
-        return (
-            tf.reshape(logits, [b, n, self.num_classes]),
-            tf.reshape(deltas, [b, n, self.num_classes, 4]),
-        )
+        return class_and_box_outputs(self.class_logits, self.box_deltas, x, b, n, self.num_classes)
 
     def compute_output_spec(self, pooled):
-        b, n = pooled.shape[:2]
-        return (
-            keras.KerasTensor((b, n, self.num_classes), dtype="float32"),
-            keras.KerasTensor((b, n, self.num_classes, 4), dtype="float32"),
-        )
+        return class_and_box_output_spec(pooled, self.num_classes)
 
     def get_config(self):
         return {
