@@ -41,17 +41,15 @@ def _check_channels(num_channels: int) -> int:
     return int(num_channels)
 
 
-@keras.saving.register_keras_serializable(package="fpn_tf")
-class LateralConnection(keras.layers.Layer):
-    """1×1 conv with bias taking a bottom-up map C_k to ``num_channels`` (§3).
+class _PyramidConv(keras.layers.Layer):
+    """One conv with bias to ``num_channels``; subclasses set ``kernel_size``."""
 
-    Input ``[B, H, W, C]``; output ``[B, H, W, num_channels]``.
-    """
+    kernel_size: int = 1
 
     def __init__(self, num_channels: int = 256, **kwargs):
         super().__init__(**kwargs)
         self.num_channels = _check_channels(num_channels)
-        self.conv = _conv(self.num_channels, 1, "conv")
+        self.conv = _conv(self.num_channels, self.kernel_size, "conv")
 
     def build(self, input_shape):
         self.conv.build(tuple(input_shape))
@@ -67,29 +65,24 @@ class LateralConnection(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="fpn_tf")
-class Smoothing(keras.layers.Layer):
+class LateralConnection(_PyramidConv):
+    """1×1 conv with bias taking a bottom-up map C_k to ``num_channels`` (§3).
+
+    Input ``[B, H, W, C]``; output ``[B, H, W, num_channels]``.
+    """
+
+    kernel_size = 1
+
+
+@keras.saving.register_keras_serializable(package="fpn_tf")
+class Smoothing(_PyramidConv):
     """3×3 conv (stride 1, symmetric padding 1) with bias on a merged map (§3).
 
     Reduces the aliasing of upsampling. Input ``[B, H, W, C]``; output
     ``[B, H, W, num_channels]``.
     """
 
-    def __init__(self, num_channels: int = 256, **kwargs):
-        super().__init__(**kwargs)
-        self.num_channels = _check_channels(num_channels)
-        self.conv = _conv(self.num_channels, 3, "conv")
-
-    def build(self, input_shape):
-        self.conv.build(tuple(input_shape))
-
-    def call(self, inputs):
-        return self.conv(inputs)
-
-    def compute_output_shape(self, input_shape):
-        return (*tuple(input_shape)[:-1], self.num_channels)
-
-    def get_config(self):
-        return {**super().get_config(), "num_channels": self.num_channels}
+    kernel_size = 3
 
 
 @keras.saving.register_keras_serializable(package="fpn_tf")
