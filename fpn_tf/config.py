@@ -136,8 +136,19 @@ class InputConfig:
     random_flip: bool = True
 
 
+MODEL_TYPES = ("faster_rcnn",)  # fpn_tf.models.build.MODEL_TYPES maps each to its detector
+
+
 @dataclass
 class ModelConfig:
+    """The detector: ``type`` picks it, ``preset`` applies a named delta first.
+
+    A preset (``fpn_tf.models.presets.PRESETS``, e.g. "torchvision_v1") changes the
+    paper's defaults; keys given beside it in the same mapping win over the preset.
+    """
+
+    type: str = "faster_rcnn"  # one of MODEL_TYPES
+    preset: str = ""  # "" = the paper's defaults
     num_classes: int = 91  # includes background (label 0)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     fpn: FPNConfig = field(default_factory=FPNConfig)
@@ -196,6 +207,10 @@ class TrainConfig:
     checkpoint_every: int = 1000
     max_checkpoints_to_keep: int = 3
     log_every: int = 20
+    # Evaluation during training on the eval split every this-many steps (0: never);
+    # the weights with the best ``best_metric`` are kept in model_dir/best/.
+    eval_every: int = 0
+    best_metric: str = "AP"
     seed: int = 0
 
 
@@ -250,7 +265,24 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
+def _apply_preset(values: dict, where: str) -> dict:
+    """A ModelConfig mapping with its ``preset``'s delta underneath the given keys."""
+    name = values.get("preset") or ""
+    if not name:
+        return values
+    from fpn_tf.models import presets  # imports only this module: no cycle at load time
+
+    model_type = values.get("type", ModelConfig.type)
+    try:
+        delta = presets.preset_delta(str(model_type), str(name))
+    except ValueError as e:
+        raise ConfigError(f"{where + '.' if where else ''}preset: {e}") from None
+    return presets.merge_dicts(delta, values)
+
+
 def _from_dict(cls: type, values: dict, where: str = "") -> Any:
+    if cls is ModelConfig:
+        values = _apply_preset(values, where)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)

@@ -202,7 +202,7 @@ def run_row(config: ExperimentConfig, row: Row, model_dir: str) -> dict:
 
     from fpn_tf.evaluation.evaluate import evaluate
     from fpn_tf.models.faster_rcnn import build_faster_rcnn
-    from fpn_tf.training.trainer import train
+    from fpn_tf.training.experiment import train
 
     keras.backend.clear_session()
     start = time.perf_counter()

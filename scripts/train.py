@@ -56,7 +56,7 @@ def main(argv):
     strategy = distribute.make_strategy(FLAGS.strategy, num_gpus=FLAGS.num_gpus, tpu_address=FLAGS.tpu)
 
     from fpn_tf.config import ConfigError, load_config
-    from fpn_tf.training.trainer import train
+    from fpn_tf.training.experiment import train
 
     try:
         config = load_config(FLAGS.config, FLAGS.override)

@@ -88,7 +88,8 @@ def test_sigkill_then_restart_resumes_from_the_last_checkpoint(tmp_path):
     import tensorflow as tf
 
     from fpn_tf.training import distribute
-    from fpn_tf.training.trainer import Trainer, faster_rcnn_model_fn, train_dataset_fn
+    from fpn_tf.training.experiment import default_model_fn, train_dataset_fn
+    from fpn_tf.training.trainer import Trainer
 
     config, config_path = _tiny_config(tmp_path, train_steps=10_000, checkpoint_every=3)
     model_dir = str(tmp_path / "run")
@@ -126,12 +127,10 @@ def test_sigkill_then_restart_resumes_from_the_last_checkpoint(tmp_path):
     train_cfg = dataclasses.replace(config.train, train_steps=step + 2)
     strategy = distribute.make_strategy("one_device")
     keras.utils.set_random_seed(config.train.seed)  # as train() does: tf.data's shuffle depends on it
-    reference = Trainer(
-        faster_rcnn_model_fn(config), train_cfg, str(tmp_path / "reference"), strategy=strategy
-    )
+    reference = Trainer(default_model_fn(config), train_cfg, str(tmp_path / "reference"), strategy=strategy)
     assert int(reference.step.numpy()) == step
     reference.fit(train_dataset_fn(config))
-    resumed = Trainer(faster_rcnn_model_fn(config), train_cfg, model_dir, strategy=strategy)
+    resumed = Trainer(default_model_fn(config), train_cfg, model_dir, strategy=strategy)
     assert int(resumed.step.numpy()) == step + 2
     for a, b in zip(resumed.model.weights, reference.model.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7, err_msg=a.path)
@@ -144,10 +143,11 @@ def worker_main(config_path: str, model_dir: str, weights_out: str) -> None:
 
     strategy = distribute.make_strategy("multi_worker")  # before any other TF op
     from fpn_tf.config import load_config
-    from fpn_tf.training.trainer import Trainer, faster_rcnn_model_fn, train_dataset_fn
+    from fpn_tf.training.experiment import default_model_fn, train_dataset_fn
+    from fpn_tf.training.trainer import Trainer
 
     config = load_config(config_path)
-    trainer = Trainer(faster_rcnn_model_fn(config), config.train, model_dir, strategy=strategy)
+    trainer = Trainer(default_model_fn(config), config.train, model_dir, strategy=strategy)
     result = trainer.fit(train_dataset_fn(config, model_dir, trainer.is_chief))
     np.savez(weights_out, *[v.numpy() for v in trainer.model.weights])
     print(json.dumps({"step": result.step, "chief": trainer.is_chief, "losses": result.losses}))

@@ -18,6 +18,7 @@ import pytest
 import tensorflow as tf
 from tiny import tiny_model_config
 
+from fpn_tf.checkpoints import load_init_checkpoint
 from fpn_tf.config import DataConfig, EvalConfig, ExperimentConfig, TrainConfig, load_config
 from fpn_tf.data.label_map import LabelMap
 from fpn_tf.evaluation.evaluate import evaluate, restore_model, run_config
@@ -25,7 +26,8 @@ from fpn_tf.export.saved_model import export_saved_model
 from fpn_tf.models.faster_rcnn import LOSS_KEYS, build_faster_rcnn
 from fpn_tf.models.weights_torchvision import torchvision_state_dict
 from fpn_tf.training import distribute, optimizer
-from fpn_tf.training.trainer import Trainer, load_init_checkpoint, train
+from fpn_tf.training.experiment import train
+from fpn_tf.training.trainer import Trainer
 
 IMAGE_SIZE = 32
 

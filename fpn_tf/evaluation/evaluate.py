@@ -18,6 +18,8 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from fpn_tf import checkpoints
+from fpn_tf.checkpoints import checkpoint_prefix
 from fpn_tf.config import ExperimentConfig, load_config
 from fpn_tf.data.pipeline import build_dataset
 from fpn_tf.evaluation.coco_evaluator import (
@@ -27,9 +29,7 @@ from fpn_tf.evaluation.coco_evaluator import (
     evaluate_proposals,
     proposals_to_coco,
 )
-from fpn_tf.training import checkpoints
-from fpn_tf.training.checkpoints import checkpoint_prefix
-from fpn_tf.training.trainer import write_scalars
+from fpn_tf.summaries import write_scalars
 
 PRINTED_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -59,7 +59,7 @@ def checkpoint_step(prefix: str) -> int:
 
 
 def restore_model(config: ExperimentConfig, prefix: str) -> keras.Model:
-    """``build_faster_rcnn(config.model)`` with the weights of the trainer's checkpoint."""
+    """``build_model(config.model)`` with the weights of the trainer's checkpoint."""
     return checkpoints.restore_model(config.model, prefix)
 
 
@@ -86,6 +86,7 @@ def evaluate(
     batch_size: int | None = None,
     xla: bool = False,
     metrics_path: str | None = None,
+    step: int | None = None,
 ) -> dict[str, float]:
     """Evaluates on ``config.data``'s eval split; returns the metrics dict.
 
@@ -102,6 +103,8 @@ def evaluate(
         xla: compile inference with XLA.
         metrics_path: JSON output (default: ``<checkpoint>.metrics.json``; none
             for a SavedModel or an in-memory model unless given).
+        step: the training step of an in-memory ``model`` (evaluation during
+            training): with ``model_dir`` the metrics go to TensorBoard at it.
 
     Returns:
         COCO metrics (fractions; see ``coco_evaluator``), ``AR@…`` when
@@ -117,7 +120,7 @@ def evaluate(
         batch_size or config.eval.batch_size,
         training=False,
     )
-    step, prefix, label_map = -1, None, info.label_map
+    step, prefix, label_map = (-1 if step is None else int(step)), None, info.label_map
     if saved_model:
         if proposals:
             raise ValueError("proposal AR needs the model itself: a SavedModel serves detections only")

@@ -27,10 +27,10 @@ import tempfile
 
 import tensorflow as tf
 
+from fpn_tf.checkpoints import restore_model  # noqa: F401  (re-exported for the scripts)
 from fpn_tf.config import ExperimentConfig, ModelConfig, from_dict, load_config, to_dict
 from fpn_tf.data.label_map import LabelMap
 from fpn_tf.export.serving import DetectionModule
-from fpn_tf.training.checkpoints import restore_model  # noqa: F401  (re-exported for the scripts)
 
 LABEL_MAP_ASSET = "label_map.json"
 MODEL_CONFIG_ASSET = "model_config.json"

@@ -5,7 +5,7 @@ baseline (§5.2.1, Table 2(a) / 3(a)): RoIs are pooled 14×14 from C4, the whole
 res5 stage (stride 2 on its first block, so 14×14 → 7×7) runs on every RoI as the
 head's hidden layers, then a global average pool and sibling class-score and
 class-specific box layers. The FPN paper replaces this with the lighter 2-fc head
-(``fpn_tf.models.roi_head.FastRCNNHead``, §4.2) because FPN already spends conv5
+(``fpn_tf.models.box_heads.FastRCNNHead``, §4.2) because FPN already spends conv5
 on the pyramid.
 """
 
@@ -15,8 +15,8 @@ import keras
 import tensorflow as tf
 
 from fpn_tf.config import BackboneConfig, from_dict, to_dict
+from fpn_tf.models.box_heads import class_and_box_output_spec, class_and_box_outputs
 from fpn_tf.models.resnet import build_resnet_stage, resnet_output_specs
-from fpn_tf.models.roi_head import class_and_box_output_spec, class_and_box_outputs
 
 
 @keras.saving.register_keras_serializable(package="fpn_tf")

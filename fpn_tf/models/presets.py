@@ -17,17 +17,10 @@ torchvision's constructor arguments. What cannot be configured and differs:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+import dataclasses
 
-from fpn_tf.config import (
-    AnchorConfig,
-    BackboneConfig,
-    FPNConfig,
-    InputConfig,
-    ModelConfig,
-    RoIHeadConfig,
-    RPNConfig,
-)
+from fpn_tf.config import ModelConfig, from_dict
 
 # torchvision.models._meta._COCO_CATEGORIES without "__background__": the name of
 # COCO category id i is entry i - 1; "N/A" marks the ten ids COCO never used.
@@ -46,95 +39,111 @@ TORCHVISION_COCO_NAMES = (
 )  # fmt: skip
 
 
+# Each preset is a delta over the paper's defaults (the dataclasses of fpn_tf.config),
+# keyed by model type; names in comments are torchvision's constructor arguments.
+PRESETS: dict[str, dict[str, dict]] = {
+    "faster_rcnn": {
+        # torchvision's fasterrcnn_resnet50_fpn (v1 COCO weights, 37.0 box AP)
+        "torchvision_v1": {
+            # torchvision overwrites eps to 0.0 for the v1 COCO weights
+            "backbone": {"bn_epsilon": 0.0},
+            "anchors": {"round_base": True, "strides_from_input_size": True},
+            "rpn": {"min_box_size": 1e-3},  # RegionProposalNetwork.min_size
+            "roi_head": {
+                "aligned": False,  # torchvision.ops.roi_align(aligned=False)
+                "smooth_l1_beta": 1.0 / 9.0,
+            },
+            "input": {"size_divisibility": 32},  # GeneralizedRCNNTransform(size_divisible=32)
+        },
+    },
+}
+
+
+def preset_names(model_type: str = "faster_rcnn") -> list[str]:
+    """The presets a model type accepts."""
+    return sorted(PRESETS.get(model_type, {}))
+
+
+def preset_delta(model_type: str, name: str) -> dict:
+    """The nested dict preset ``name`` changes; ValueError naming the valid ones."""
+    presets = PRESETS.get(model_type, {})
+    if name not in presets:
+        valid = ", ".join(sorted(presets)) or "none"
+        raise ValueError(
+            f"unknown model.preset {name!r} for model.type {model_type!r}; valid presets: {valid}"
+        )
+    return copy.deepcopy(presets[name])
+
+
+def merge_dicts(base: dict, delta: dict) -> dict:
+    """``base`` updated by ``delta``, nested mappings merged key by key (neither changed)."""
+    out = copy.deepcopy(base)
+    for key, value in delta.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_dicts(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def preset_config(name: str, num_classes: int | None = None, model_type: str = "faster_rcnn") -> ModelConfig:
+    """The ModelConfig of preset ``name``: the paper's defaults plus the preset's delta."""
+    values = {"type": model_type, "preset": name}
+    if num_classes is not None:
+        values["num_classes"] = int(num_classes)
+    return from_dict(ModelConfig, values)
+
+
 def torchvision_v1_config(num_classes: int = 91, backbone: str = "resnet50") -> ModelConfig:
     """The ModelConfig whose graph equals torchvision's ``fasterrcnn_resnet50_fpn``.
 
-    Args:
-      num_classes: classes including background; 91 is torchvision's COCO
-        labelling (label == COCO category id, see ``torchvision_coco_label_map``).
-      backbone: "resnet50" (the published weights) or another ResNet of
-        ``fpn_tf.models.resnet`` (as ``resnet_fpn_backbone`` would build).
-
-    Returns:
-      A ModelConfig: RGB 0..255 input normalised with ImageNet mean/std × 255
-      (torchvision divides by 255 first: the same map), shorter side 800 / longer
-      ≤ 1333, padding to multiples of 32; frozen BN with eps 0 (torchvision
-      overwrites eps to 0.0 for the v1 COCO weights) and conv1 + layer1 frozen
-      (``trainable_backbone_layers=3``); integer-rounded anchors centred at
-      ``index * stride``; RPN top-k 2000/1000 per level before NMS 0.7 and
-      2000/1000 per image after it, boxes under 1e-3 px dropped; RoIAlign
-      unaligned with 2 samples per bin side; smooth-L1 β = 1/9 in both stages;
-      test score > 0.05, per-class NMS 0.5, 100 detections.
+    RGB 0..255 input normalised with ImageNet mean/std × 255 (torchvision divides by
+    255 first: the same map), shorter side 800 / longer ≤ 1333, padding to multiples
+    of 32; frozen BN with eps 0 and conv1 + layer1 frozen (``trainable_backbone_layers
+    =3``); integer-rounded anchors centred at ``index * stride``; RPN top-k 2000/1000
+    per level before NMS 0.7 and 2000/1000 per image after it, boxes under 1e-3 px
+    dropped; RoIAlign unaligned with 2 samples per bin side; smooth-L1 β = 1/9 in both
+    stages; test score > 0.05, per-class NMS 0.5, 100 detections.
     """
-    return ModelConfig(
-        num_classes=int(num_classes),
-        backbone=BackboneConfig(name=backbone, freeze_at=2, norm="frozen_bn", bn_epsilon=0.0),
-        fpn=FPNConfig(variant="fpn", num_channels=256, min_level=2, max_level=5, extra_block="maxpool"),
-        anchors=AnchorConfig(
-            sizes=(32.0, 64.0, 128.0, 256.0, 512.0),
-            aspect_ratios=(0.5, 1.0, 2.0),
-            offset=0.0,
-            round_base=True,
-            strides_from_input_size=True,
-        ),
-        rpn=RPNConfig(
-            positive_iou=0.7,  # rpn_fg_iou_thresh
-            negative_iou=0.3,  # rpn_bg_iou_thresh
-            allow_low_quality_matches=True,
-            batch_size_per_image=256,  # rpn_batch_size_per_image
-            positive_fraction=0.5,  # rpn_positive_fraction
-            box_coder_weights=(1.0, 1.0, 1.0, 1.0),
-            pre_nms_topk_train=2000,  # rpn_pre_nms_top_n_train (per level)
-            pre_nms_topk_test=1000,  # rpn_pre_nms_top_n_test (per level)
-            post_nms_topk_train=2000,  # rpn_post_nms_top_n_train (per image)
-            post_nms_topk_test=1000,  # rpn_post_nms_top_n_test (per image)
-            nms_iou=0.7,  # rpn_nms_thresh
-            min_box_size=1e-3,  # RegionProposalNetwork.min_size
-            box_loss="smooth_l1",
-            smooth_l1_beta=1.0 / 9.0,
-        ),
-        roi_head=RoIHeadConfig(
-            batch_size_per_image=512,  # box_batch_size_per_image
-            positive_fraction=0.25,  # box_positive_fraction
-            foreground_iou=0.5,  # box_fg_iou_thresh
-            background_iou_high=0.5,  # box_bg_iou_thresh
-            background_iou_low=0.0,
-            add_gt_as_proposals=True,
-            pooler_resolution=7,
-            sampling_ratio=2,  # MultiScaleRoIAlign(sampling_ratio=2)
-            aligned=False,  # torchvision.ops.roi_align(aligned=False)
-            canonical_size=224.0,
-            canonical_level=4,
-            min_level=2,
-            max_level=5,
-            head="2fc",
-            fc_dim=1024,
-            num_fc=2,
-            box_coder_weights=(10.0, 10.0, 5.0, 5.0),
-            box_loss="smooth_l1",
-            smooth_l1_beta=1.0 / 9.0,
-            score_threshold=0.05,  # box_score_thresh
-            nms_iou=0.5,  # box_nms_thresh
-            detections_per_image=100,  # box_detections_per_img
-        ),
-        input=InputConfig(
-            min_size=800,
-            max_size=1333,
-            size_divisibility=32,
-            pixel_mean=(123.675, 116.28, 103.53),  # 255 * (0.485, 0.456, 0.406)
-            pixel_std=(58.395, 57.12, 57.375),  # 255 * (0.229, 0.224, 0.225)
-        ),
+    return from_dict(
+        ModelConfig,
+        {"preset": "torchvision_v1", "num_classes": int(num_classes), "backbone": {"name": backbone}},
     )
 
 
-PRESETS: dict[str, Callable[..., ModelConfig]] = {"torchvision_v1": torchvision_v1_config}
+def resolve_model_config(
+    model_type: str,
+    num_classes: int | None,
+    backbone: str | None,
+    config: ModelConfig | None,
+    preset: str | None,
+    overrides: dict,
+) -> ModelConfig:
+    """The ModelConfig a ``build_<detector>(...)`` call asks for (shared by the builders).
 
-
-def preset_config(name: str, num_classes: int | None = None) -> ModelConfig:
-    """The ModelConfig of preset ``name`` (see PRESETS); ValueError naming the valid ones."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]() if num_classes is None else PRESETS[name](num_classes=num_classes)
+    ``preset`` and ``config`` exclude each other; ``num_classes``, ``backbone`` and
+    ``overrides`` (top-level ModelConfig fields) apply on top.
+    """
+    if preset is not None:
+        if config is not None:
+            raise ValueError(f"build_{model_type}: pass either config or preset, not both")
+        config = preset_config(preset, model_type=model_type)
+    cfg = dataclasses.replace(config) if config is not None else ModelConfig(type=model_type)
+    if cfg.type != model_type:
+        raise ValueError(f"build_{model_type} was given a config of model.type {cfg.type!r}")
+    if num_classes is not None:
+        cfg.num_classes = int(num_classes)
+    if backbone is not None:
+        cfg.backbone = dataclasses.replace(cfg.backbone, name=backbone)
+    if overrides:
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown build_{model_type} argument(s) {unknown}; ModelConfig fields: {sorted(known)}"
+            )
+        cfg = dataclasses.replace(cfg, **overrides)
+    return cfg
 
 
 def torchvision_coco_label_map():

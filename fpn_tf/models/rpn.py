@@ -7,6 +7,8 @@ valid image, drop tiny boxes, NMS 0.7 within each level, then the best per image
 (2000 in training, 1000 at test, §5.2). Per-image (not per-batch) post-NMS top-k:
 the per-batch variant cost Detectron v1 about 1 AP.
 
+Shapes: B images, h/w a level's map size, A anchors per location, R anchors of all
+levels, N proposals per image, G ground-truth boxes per image, C channels.
 Boxes are (y1, x1, y2, x2) float32 in input pixels (the resized, padded image).
 """
 
@@ -111,11 +113,12 @@ class ProposalGenerator(keras.layers.Layer):
       rpn_outputs: RPNHead's output dict.
       image_info: [B, 6] (orig_h, orig_w, valid_h, valid_w, scale_y, scale_x).
       training: selects the train / test top-k.
+      anchors: {level: [h·w·A, 4]} of ``anchors()``, when the caller has them already.
 
     Returns:
-      {"boxes": [B, K, 4] input pixels (zeros in padded rows),
-       "scores": [B, K] objectness probabilities (0 in padded rows),
-       "valid": [B, K] bool}; K = post-NMS top-k, rows sorted by score.
+      {"boxes": [B, N, 4] input pixels (zeros in padded rows),
+       "scores": [B, N] objectness probabilities (0 in padded rows),
+       "valid": [B, N] bool}; N = post-NMS top-k, rows sorted by score.
     """
 
     def __init__(self, anchor_config: dict, rpn_config: dict, levels: list[str], **kwargs):
@@ -153,11 +156,12 @@ class ProposalGenerator(keras.layers.Layer):
             round_base=self._anchors.round_base,
         )
 
-    def call(self, rpn_outputs, image_info, training=False):
+    def call(self, rpn_outputs, image_info, training=False, anchors=None):
         cfg = self._rpn
         pre_k = cfg.pre_nms_topk_train if training else cfg.pre_nms_topk_test
         post_k = cfg.post_nms_topk_train if training else cfg.post_nms_topk_test
-        anchors = self.anchors(rpn_outputs["objectness"])
+        if anchors is None:
+            anchors = self.anchors(rpn_outputs["objectness"])
         valid_hw = image_info[:, 2:4]
         boxes_l, scores_l, groups_l = [], [], []
         for i, level in enumerate(self.levels):
@@ -197,7 +201,7 @@ class ProposalGenerator(keras.layers.Layer):
             "valid": valid,
         }
 
-    def compute_output_spec(self, rpn_outputs, image_info, training=False):
+    def compute_output_spec(self, rpn_outputs, image_info, training=False, anchors=None):
         post_k = self._rpn.post_nms_topk_train if training else self._rpn.post_nms_topk_test
         batch = image_info.shape[0]
         return {

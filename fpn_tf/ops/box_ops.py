@@ -90,3 +90,17 @@ def pairwise_iou(boxes1: tf.Tensor, boxes2: tf.Tensor) -> tf.Tensor:
     valid = tf.logical_and(area1 > 0.0, area2 > 0.0)
     iou = intersection / tf.where(valid, union, 1.0)
     return tf.where(valid, iou, 0.0)
+
+
+def to_original_pixels(boxes: tf.Tensor, image_info: tf.Tensor) -> tf.Tensor:
+    """Boxes in input pixels -> original-image pixels, clipped to the original size.
+
+    Args:
+      boxes: ``[B, N, 4]`` in pixels of the resized network input.
+      image_info: ``[B, 6]`` (orig_h, orig_w, valid_h, valid_w, scale_y, scale_x).
+
+    Returns:
+      ``[B, N, 4]`` in pixels of the image before resizing.
+    """
+    scale = tf.concat([image_info[:, 4:6], image_info[:, 4:6]], axis=-1)[:, None, :]
+    return clip_boxes(boxes / scale, image_info[:, None, 0:2])

@@ -1,0 +1,141 @@
+"""An experiment's training run: config -> strategy, model, data, hooks -> ``Trainer``.
+
+``train(config, model_dir)`` is what ``scripts/train.py`` runs. The model is the
+detector of ``config.model.type`` (``fpn_tf.models.build``); the data is
+``build_dataset`` on the train split; the hooks are the trainer's defaults plus
+evaluation every ``train.eval_every`` steps keeping the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+import keras
+import tensorflow as tf
+import yaml
+from absl import logging
+
+from fpn_tf.config import ExperimentConfig, to_dict
+from fpn_tf.data.pipeline import build_dataset
+from fpn_tf.models.build import build_model
+from fpn_tf.training import distribute
+from fpn_tf.training.hooks import EvaluationHook
+from fpn_tf.training.trainer import DatasetFn, Trainer, TrainResult, auto_xla
+
+
+def default_model_fn(config: ExperimentConfig) -> Callable[[], keras.Model]:
+    """The ``model_fn`` of ``config``: ``build_model(config.model)`` (the detector of model.type)."""
+    return lambda: build_model(config.model)
+
+
+def evaluation_hook(config: ExperimentConfig, model_dir: str) -> EvaluationHook | None:
+    """Evaluation on the eval split every ``train.eval_every`` steps (0: none)."""
+    if config.train.eval_every <= 0:
+        return None
+
+    def evaluate_fn(model, step):
+        from fpn_tf.evaluation.evaluate import evaluate  # imports pycocotools; only when used
+
+        return evaluate(config, model=model, model_dir=model_dir, step=step)
+
+    return EvaluationHook(config.train.eval_every, evaluate_fn, config.train.best_metric)
+
+
+def train_dataset_fn(config: ExperimentConfig, model_dir: str | None = None, chief: bool = True) -> DatasetFn:
+    """The ``dataset_fn`` of ``config``: ``build_dataset`` on the train split.
+
+    Checks that ``model.num_classes`` fits the data's label map; the chief
+    writes the label map to ``model_dir/label_map.json`` (read by export).
+    """
+
+    def dataset_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
+        dataset, info = build_dataset(
+            config.data,
+            config.model.input,
+            split="train",
+            batch_size=config.train.batch_size,  # global; build_dataset divides by the replicas
+            training=True,
+            input_context=input_context,
+            seed=config.train.seed,
+        )
+        if info.label_map.num_classes != config.model.num_classes:
+            raise ValueError(
+                f"model.num_classes={config.model.num_classes} but the training data has "
+                f"{len(info.label_map)} categories; set model.num_classes={info.label_map.num_classes} "
+                "(the categories + background)"
+            )
+        if chief and model_dir:
+            with open(os.path.join(model_dir, "label_map.json"), "w", encoding="utf-8") as f:
+                f.write(info.label_map.to_json())
+        return dataset
+
+    return dataset_fn
+
+
+def train(
+    config: ExperimentConfig,
+    model_dir: str,
+    strategy_name: str = "one_device",
+    num_gpus: int | None = None,
+    xla: bool | None = None,
+    mixed_precision: str = "float32",
+    train_steps: int | None = None,
+    batch_size: int | None = None,
+    init_checkpoint: str | None = None,
+    strategy: tf.distribute.Strategy | None = None,
+    model_fn: Callable[[], keras.Model] | None = None,
+    dataset_fn: DatasetFn | None = None,
+) -> TrainResult:
+    """Trains ``config``'s model into ``model_dir`` (resuming if it holds a checkpoint).
+
+    Args:
+        config: the experiment; ``train_steps`` / ``batch_size`` override
+            ``config.train`` and the result is written to ``model_dir/config.yaml``.
+        strategy_name, num_gpus: see ``fpn_tf.training.distribute.make_strategy``
+            (ignored when ``strategy`` is given).
+        xla: compile the per-replica step with XLA; None = ``auto_xla()``.
+        mixed_precision: float32 | mixed_float16 | mixed_bfloat16.
+        init_checkpoint: initial weights for a fresh run (``load_init_checkpoint``).
+        model_fn, dataset_fn: default to ``build_model(config.model)`` and
+            ``build_dataset(config.data, ...)`` on the train split.
+    """
+    if strategy is None:
+        strategy = distribute.make_strategy(strategy_name, num_gpus=num_gpus)
+    train_cfg = config.train
+    if train_steps is not None:
+        train_cfg = dataclasses.replace(train_cfg, train_steps=int(train_steps))
+    if batch_size is not None:
+        train_cfg = dataclasses.replace(train_cfg, batch_size=int(batch_size))
+    config = dataclasses.replace(config, train=train_cfg)
+    if xla is None:
+        xla = auto_xla()
+    keras.utils.set_random_seed(train_cfg.seed)
+    os.makedirs(model_dir, exist_ok=True)
+    if distribute.is_chief(strategy):
+        with open(os.path.join(model_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            yaml.safe_dump(to_dict(config), f, sort_keys=False)
+    logging.info(
+        "training %d steps, global batch %d on %d replica(s) (%s), xla=%s, %s",
+        train_cfg.train_steps,
+        train_cfg.batch_size,
+        strategy.num_replicas_in_sync,
+        type(strategy).__name__,
+        xla,
+        mixed_precision,
+    )
+    trainer = Trainer(
+        model_fn or default_model_fn(config),
+        train_cfg,
+        model_dir,
+        strategy=strategy,
+        xla=xla,
+        mixed_precision=mixed_precision,
+        init_checkpoint=init_checkpoint,
+    )
+    hooks = trainer.default_hooks()
+    eval_hook = evaluation_hook(config, model_dir)
+    if eval_hook is not None:
+        hooks.append(eval_hook)
+    return trainer.fit(dataset_fn or train_dataset_fn(config, model_dir, trainer.is_chief), hooks)
