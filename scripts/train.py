@@ -43,6 +43,12 @@ flags.DEFINE_string(
 )
 flags.DEFINE_multi_string("override", [], "Config override key.path=value (repeatable).")
 flags.DEFINE_bool("eval_after", False, "Evaluate the final checkpoint on the eval split (COCO AP).")
+flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "Resume a model_dir whose config.yaml differs from this config (beyond train_steps and the "
+    "logging / checkpoint intervals); changes that alter the model's variables are refused anyway.",
+)
 
 
 def main(argv):
@@ -74,7 +80,11 @@ def main(argv):
             train_steps=FLAGS.train_steps,
             batch_size=FLAGS.batch_size,
             init_checkpoint=FLAGS.init_checkpoint,
+            allow_config_change=FLAGS.allow_config_change,
         )
+    except ConfigError as e:
+        logging.error("%s", e)
+        return 2
     except FloatingPointError as e:
         logging.error("%s", e)
         return 1

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 NUM_LOGICAL_CPUS = 2
 
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "slow: multi-process tests (tens of seconds); run in CI, skip with -m 'not slow'"
+        "markers",
+        "slow: training runs, subprocesses and fresh-process loads (seconds to minutes each); "
+        "run in CI, skip with -m 'not slow' for the quick loop",
     )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -24,3 +28,53 @@ def pytest_configure(config):
 
     configure_logical_cpus(NUM_LOGICAL_CPUS)
     assert len(tf.config.list_logical_devices("CPU")) == NUM_LOGICAL_CPUS
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory):
+    """One tiny Faster R-CNN trained on 20 shape images until it detects them (shared).
+
+    Returns a dict: ``config`` (ModelConfig), ``checkpoint`` (a tf.train.Checkpoint
+    prefix holding ``model``), ``data`` (the 20 images, batch layout of
+    docs/design.md), ``first_losses`` / ``last_losses`` (total loss of the first /
+    last 20 steps). The overfit, bfloat16 and export tests use it; it costs ~400
+    small steps, so those tests are marked slow.
+    """
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from tiny import draw_shape_images, tiny_model_config
+
+    import fpn_tf
+
+    keras.utils.set_random_seed(0)
+    cfg = tiny_model_config(num_classes=4)
+    model = fpn_tf.build_faster_rcnn(config=cfg)
+    data = draw_shape_images(20, size=128, seed=0)
+    tensors = {k: tf.constant(v) for k, v in data.items()}
+    optimizer = keras.optimizers.Adam(learning_rate=2e-3)
+    variables = model.trainable_variables
+
+    @tf.function
+    def step(batch, i):
+        with tf.GradientTape() as tape:
+            losses = model.compute_losses(batch, training=True, step=i)
+        grads = tape.gradient(losses["total_loss"], variables)
+        grads, _ = tf.clip_by_global_norm(grads, 10.0)
+        optimizer.apply_gradients(zip(grads, variables))
+        return losses["total_loss"]
+
+    batch_size, losses = 4, []
+    for i in range(400):
+        start = (i * batch_size) % 20
+        losses.append(
+            float(step({k: v[start : start + batch_size] for k, v in tensors.items()}, tf.constant(i)))
+        )
+    prefix = tf.train.Checkpoint(model=model).write(str(tmp_path_factory.mktemp("trained_tiny") / "model"))
+    return {
+        "config": cfg,
+        "checkpoint": prefix,
+        "data": data,
+        "first_losses": np.array(losses[:20]),
+        "last_losses": np.array(losses[-20:]),
+    }

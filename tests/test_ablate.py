@@ -267,7 +267,10 @@ def test_tiny_run_fills_tables_and_resumes(tmp_path, capsys):
     assert results["t1b_c5"]["anchors"] == 4 * 4 * 15
     assert results["t1c_fpn"]["anchors"] == 3 * (32 * 32 + 16 * 16 + 8 * 8 + 4 * 4 + 2 * 2)
     assert results["t1b_c5"]["paper_scale_anchors"] == 12000
-    assert results["t3a_c4_conv5"]["metrics"]["AP"] >= 0
+    conv5 = results["t3a_c4_conv5"]["metrics"]
+    # Two steps train nothing, but pycocotools ran on real detections: AP is a number
+    # in [0, 1] (not the -1 of "no detections") and never above AP50.
+    assert 0.0 <= conv5["AP"] <= conv5["AP50"] <= 1.0
     assert results["t3a_c4_conv5"]["final_losses"]["rcnn_class_loss"] > 0
     text = doc.read_text()
     assert "python scripts/ablate.py --tiny" in text

@@ -12,6 +12,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+# Subprocesses (benchmark runs): not in the quick loop.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_TORCHVISION = bool(importlib.util.find_spec("torch") and importlib.util.find_spec("torchvision"))
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from tiny import draw_shape_images, tiny_model_config
+from tiny import tiny_model_config
 
 import fpn_tf
 from fpn_tf.models.faster_rcnn import FasterRCNN
@@ -30,30 +29,9 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def trained_checkpoint(tmp_path_factory):
-    """A tiny float32 model trained on shape images until it detects them; its checkpoint."""
-    keras.utils.set_random_seed(0)
-    cfg = tiny_model_config(num_classes=4)
-    model = fpn_tf.build_faster_rcnn(config=cfg)
-    data = draw_shape_images(8, size=128, seed=0)
-    tensors = {k: tf.constant(v) for k, v in data.items()}
-    optimizer = keras.optimizers.Adam(learning_rate=2e-3)
-    variables = model.trainable_variables
-
-    @tf.function
-    def step(batch, i):
-        with tf.GradientTape() as tape:
-            losses = model.compute_losses(batch, training=True, step=i)
-        grads = tape.gradient(losses["total_loss"], variables)
-        grads, _ = tf.clip_by_global_norm(grads, 10.0)
-        optimizer.apply_gradients(zip(grads, variables))
-        return losses["total_loss"]
-
-    for i in range(240):
-        start = (i * 4) % 8
-        step({k: v[start : start + 4] for k, v in tensors.items()}, tf.constant(i))
-    path = tf.train.Checkpoint(model=model).write(str(tmp_path_factory.mktemp("ckpt") / "model"))
-    return cfg, path, data
+def trained_checkpoint(trained_tiny):
+    """The shared tiny float32 model trained until it detects shapes (conftest)."""
+    return trained_tiny["config"], trained_tiny["checkpoint"], trained_tiny["data"]
 
 
 def _detect(model, data):
@@ -61,6 +39,7 @@ def _detect(model, data):
     return {k: v.numpy() for k, v in tf.function(lambda x: model(x, training=False))(inputs).items()}
 
 
+@pytest.mark.slow
 def test_bfloat16_loads_float32_checkpoint_and_matches_float32_detections(trained_checkpoint):
     cfg, path, data = trained_checkpoint
     f32 = fpn_tf.build_faster_rcnn(config=cfg)

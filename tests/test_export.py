@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -26,6 +25,9 @@ from fpn_tf.export import saved_model as sm
 from fpn_tf.export.serving import OUTPUT_KEYS, SIGNATURE_INPUTS
 from fpn_tf.models.faster_rcnn import build_faster_rcnn
 from tests.tiny import draw_shape_images, tiny_model_config
+
+# Subprocesses, fresh-process loads and a trained model: not in the quick loop.
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABEL_MAP = LabelMap([3, 7, 11], ["square", "disk", "triangle"])  # ids != labels on purpose
@@ -66,10 +68,11 @@ def reference_detections(model, images: list[np.ndarray]) -> dict[str, np.ndarra
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    keras.utils.set_random_seed(0)
-    model = build_faster_rcnn(config=tiny_model_config())
-    model.detection_generator.score_threshold = 0.0  # an untrained model still detects
+def exported(tmp_path_factory, trained_tiny):
+    """The shared trained tiny model (conftest), exported with every detection kept."""
+    model = build_faster_rcnn(config=trained_tiny["config"])
+    tf.train.Checkpoint(model=model).read(trained_tiny["checkpoint"]).assert_existing_objects_matched()
+    model.detection_generator.score_threshold = 0.0  # every candidate, for a dense comparison
     base = str(tmp_path_factory.mktemp("saved_models"))
     path = sm.export_saved_model(model, base, "tiny", label_map=LABEL_MAP)
     return model, base, path

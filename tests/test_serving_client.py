@@ -31,6 +31,9 @@ from fpn_tf.export.serving import OUTPUT_KEYS, SIGNATURE_INPUTS
 from fpn_tf.models.faster_rcnn import build_faster_rcnn
 from tests.tiny import draw_shape_images, tiny_model_config
 
+# Subprocesses and fresh-process loads: not in the quick loop.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location(
     "serving_client", os.path.join(ROOT, "scripts", "serving_client.py")

@@ -400,6 +400,7 @@ def test_signal_saves_a_checkpoint(tmp_path, signum):
         return tf.data.Dataset.from_generator(generator, output_signature=spec).batch(4)
 
     trainer = Trainer(make_model, train_config(train_steps=1000), str(tmp_path))
+    previous = signal.getsignal(signal.SIGTERM)
     if signum == signal.SIGINT:
         with pytest.raises(KeyboardInterrupt):
             trainer.fit(dataset_fn)
@@ -408,7 +409,8 @@ def test_signal_saves_a_checkpoint(tmp_path, signum):
         result = trainer.fit(dataset_fn)
         assert result.stopped_early
         step = result.step
-        assert signal.getsignal(signal.SIGTERM) is not None
+    # The trainer's SIGTERM handler is gone again: the caller's is back.
+    assert signal.getsignal(signal.SIGTERM) is previous
     assert 1 <= step < 1000
     assert tf.train.latest_checkpoint(str(tmp_path)).endswith(f"ckpt-{step}")
 

@@ -17,12 +17,71 @@ import tensorflow as tf
 import yaml
 from absl import logging
 
-from fpn_tf.config import ExperimentConfig, to_dict
+from fpn_tf.config import ConfigError, ExperimentConfig, load_config, to_dict
 from fpn_tf.data.pipeline import build_dataset
 from fpn_tf.models.build import build_model
 from fpn_tf.training import distribute
 from fpn_tf.training.hooks import EvaluationHook
 from fpn_tf.training.trainer import DatasetFn, Trainer, TrainResult, auto_xla
+
+# Keys a rerun of a training directory may change without --allow_config_change:
+# extending or re-pacing a run. Anything else (model, data, optimisation) is a different
+# experiment; what changes the variables is refused even with the flag.
+RERUN_FREE_KEYS = (
+    "train.train_steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.max_checkpoints_to_keep",
+    "train.eval_every",
+    "eval.",
+)
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += config_differences(a, b, name + ".")
+        elif a != b:
+            keys.append(f"{name} ({a!r} -> {b!r})")
+    return keys
+
+
+def check_rerun_config(config: ExperimentConfig, model_dir: str, allow_change: bool) -> list[str]:
+    """The keys in which ``config`` differs from ``model_dir/config.yaml`` (if any).
+
+    Raises ConfigError naming them when one is outside RERUN_FREE_KEYS and
+    ``allow_change`` is off. Writes nothing.
+    """
+    path = os.path.join(model_dir, "config.yaml")
+    if not os.path.exists(path):
+        return []
+    try:
+        stored = to_dict(load_config(path))
+    except (ConfigError, OSError) as e:
+        raise ConfigError(f"{path}: the training directory's config cannot be read: {e}") from None
+    changed = config_differences(stored, to_dict(config))
+    guarded = [k for k in changed if not k.startswith(RERUN_FREE_KEYS)]
+    if guarded and not allow_change:
+        raise ConfigError(
+            f"{model_dir} was trained with another config; differing keys: {', '.join(guarded)}. "
+            "Use a new model_dir, or pass --allow_config_change to resume with these changes "
+            "(changes to the model's variables are refused either way)."
+        )
+    if changed:
+        logging.warning("resuming %s with config changes: %s", model_dir, ", ".join(changed))
+    return changed
+
+
+def write_config(config: ExperimentConfig, model_dir: str) -> None:
+    """``model_dir/config.yaml``, written to a temporary file and renamed into place."""
+    path = os.path.join(model_dir, "config.yaml")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(config), f, sort_keys=False)
+    os.replace(tmp, path)
 
 
 def default_model_fn(config: ExperimentConfig) -> Callable[[], keras.Model]:
@@ -87,6 +146,7 @@ def train(
     strategy: tf.distribute.Strategy | None = None,
     model_fn: Callable[[], keras.Model] | None = None,
     dataset_fn: DatasetFn | None = None,
+    allow_config_change: bool = False,
 ) -> TrainResult:
     """Trains ``config``'s model into ``model_dir`` (resuming if it holds a checkpoint).
 
@@ -100,6 +160,8 @@ def train(
         init_checkpoint: initial weights for a fresh run (``load_init_checkpoint``).
         model_fn, dataset_fn: default to ``build_model(config.model)`` and
             ``build_dataset(config.data, ...)`` on the train split.
+        allow_config_change: resume a ``model_dir`` whose ``config.yaml`` differs
+            from ``config`` in more than RERUN_FREE_KEYS (``check_rerun_config``).
     """
     if strategy is None:
         strategy = distribute.make_strategy(strategy_name, num_gpus=num_gpus)
@@ -112,10 +174,7 @@ def train(
     if xla is None:
         xla = auto_xla()
     keras.utils.set_random_seed(train_cfg.seed)
-    os.makedirs(model_dir, exist_ok=True)
-    if distribute.is_chief(strategy):
-        with open(os.path.join(model_dir, "config.yaml"), "w", encoding="utf-8") as f:
-            yaml.safe_dump(to_dict(config), f, sort_keys=False)
+    changed = check_rerun_config(config, model_dir, allow_config_change)
     logging.info(
         "training %d steps, global batch %d on %d replica(s) (%s), xla=%s, %s",
         train_cfg.train_steps,
@@ -125,15 +184,26 @@ def train(
         xla,
         mixed_precision,
     )
-    trainer = Trainer(
-        model_fn or default_model_fn(config),
-        train_cfg,
-        model_dir,
-        strategy=strategy,
-        xla=xla,
-        mixed_precision=mixed_precision,
-        init_checkpoint=init_checkpoint,
-    )
+    try:
+        trainer = Trainer(
+            model_fn or default_model_fn(config),
+            train_cfg,
+            model_dir,
+            strategy=strategy,
+            xla=xla,
+            mixed_precision=mixed_precision,
+            init_checkpoint=init_checkpoint,
+        )
+    except ValueError as e:
+        if not changed:
+            raise
+        raise ConfigError(
+            f"{model_dir} holds a run whose variables do not fit the changed config "
+            f"({', '.join(changed)}); nothing was changed in {model_dir}. Train into a new model_dir. {e}"
+        ) from None
+    # Only now, with the checkpoint known to fit, the directory's record is (re)written.
+    if trainer.is_chief:
+        write_config(config, model_dir)
     hooks = trainer.default_hooks()
     eval_hook = evaluation_hook(config, model_dir)
     if eval_hook is not None:

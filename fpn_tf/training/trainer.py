@@ -112,7 +112,16 @@ class Trainer:
                 f"{replicas} replicas of the strategy"
             )
         self.is_chief = distribute.is_chief(self.strategy)
+        self._build(model_fn)
+        self._restore_or_init(init_checkpoint)
+        self._replica_gradients = tf.function(self._replica_gradients_fn, jit_compile=self.xla)
+        self._train_step = tf.function(self._train_step_fn)
+        self._stop_reason: str | None = None
+        self.completed = False
 
+    def _build(self, model_fn: Callable[[], keras.Model]) -> None:
+        """Model, optimizer and step counter under the strategy and the precision policy."""
+        train_config, mixed_precision = self.config, self.mixed_precision
         previous_policy = keras.config.dtype_policy()
         keras.config.set_dtype_policy(mixed_precision)
         try:
@@ -143,6 +152,9 @@ class Trainer:
             if v is not None
         ]
 
+    def _restore_or_init(self, init_checkpoint: str | None) -> None:
+        """Resumes from ``model_dir``'s latest checkpoint, else loads ``init_checkpoint``."""
+        model_dir, train_config = self.model_dir, self.config
         os.makedirs(model_dir, exist_ok=True)
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step)
         self._write_dir = model_dir if self.is_chief else self._worker_tmp_dir()
@@ -166,11 +178,6 @@ class Trainer:
             load_init_checkpoint(self.model, init_checkpoint)
         self.restored_from = latest
         self._saved_step = int(self.step.numpy()) if latest else None
-
-        self._replica_gradients = tf.function(self._replica_gradients_fn, jit_compile=self.xla)
-        self._train_step = tf.function(self._train_step_fn)
-        self._stop_reason: str | None = None
-        self.completed = False
 
     def _worker_tmp_dir(self) -> str:
         task_type, task_id = distribute.task_info(self.strategy)
