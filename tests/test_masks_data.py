@@ -233,3 +233,35 @@ def test_tfds_coco_has_no_masks_and_says_so(tmp_path):
         assert "gt_masks" not in ds.element_spec
         with pytest.raises(ValueError, match=r"tfds 'coco/2017' has none: .*no segmentation.*coco_json"):
             build_dataset(data, _input(), "eval", 1, False)
+
+
+def test_cropping_100_large_instances_holds_one_full_mask_at_a_time():
+    """800 x 1333 image, 100 RLE + 100 polygon instances: peak memory stays near ONE full-image mask."""
+    import tracemalloc
+
+    from fpn_tf.data.masks import crop_masks
+
+    h, w = 800, 1333
+    rng = np.random.default_rng(0)
+    segs, polys, boxes = [], [], []
+    for _ in range(100):
+        y, x = rng.uniform(0, h - 200), rng.uniform(0, w - 200)
+        size = rng.uniform(20, 200)
+        full = np.zeros((h, w), np.uint8)
+        full[int(y) : int(y + size), int(x) : int(x + size)] = 1
+        segs.append(check_segmentation(encode_binary_mask(full), h, w, "a"))
+        polys.append([[x, y, x + size, y, x + size, y + size, x, y + size]])
+        boxes.append([y, x, y + size, x + size])
+    del full
+    tracemalloc.start()
+    masks = crop_masks(segs, np.asarray(boxes), 112)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert masks.shape == (100, 112, 112) and masks.reshape(100, -1).mean(1).min() > 0.9
+    assert peak < 4 * h * w, peak  # all 100 at once would be 100 * h * w bytes
+    tracemalloc.start()
+    from_polys = crop_masks(polys, np.asarray(boxes), 112)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < masks.nbytes + h * w // 4  # polygons: rasterised in the box frame, no full mask at all
+    assert np.mean(from_polys != masks) < 0.02
