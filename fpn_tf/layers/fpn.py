@@ -7,6 +7,8 @@ channels, a bias and no non-linearity; kernels are initialised kaiming-uniform
 with a=1 (torchvision's and Detectron2's FPN init), biases 0.
 
 Maps are ``[B, H, W, C]`` float, channels last. A level-k map has stride 2**k.
+
+Shapes: B images, h/w a level's map size, C channels (d on the pyramid).
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ head's hidden layers, then a global average pool and sibling class-score and
 class-specific box layers. The FPN paper replaces this with the lighter 2-fc head
 (``fpn_tf.models.box_heads.FastRCNNHead``, §4.2) because FPN already spends conv5
 on the pyramid.
+
+Shapes: B images, N RoIs per image, P pooled side, C channels, K classes
+including background.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ class Conv5Head(keras.layers.Layer):
       in_channels: channels of the pooled features (C4's).
 
     Call args:
-      pooled: [B, N, S, S, in_channels] RoI features (S = 14 in the paper; any S,
-        the stride-2 stage gives ceil(S / 2)).
+      pooled: [B, N, P, P, in_channels] RoI features (P = 14 in the paper; any P,
+        the stride-2 stage gives ceil(P / 2)).
 
     Returns:
       (class_logits [B, N, K] float32, box_deltas [B, N, K, 4] float32), K =

@@ -13,6 +13,8 @@
 The extra levels come from ``FPNConfig.extra_block``: "maxpool" (P6 = max-pool
 kernel 1 stride 2 of P_max, the paper's), "conv_p5" / "conv_c5" (RetinaNet's
 stride-2 3×3 convs on P_max / C_max, ``num_extra_levels`` of them), "none".
+
+Shapes: B images, H/W input height/width, h/w a level's map size, C channels (d).
 """
 
 from __future__ import annotations

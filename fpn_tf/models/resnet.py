@@ -26,6 +26,8 @@ Weight-name mapping from a torchvision state dict (for a weight importer):
 Layers without weights carry suffixed names that no torchvision key maps to
 (``conv1_pad``, ``relu``, ``maxpool_pad``, ``maxpool``, ``layer1_0_conv2_pad``,
 ``layer1_0_relu1``, ``layer1_0_add``, ``layer1_0_out``).
+
+Shapes: B images, H/W input height/width, h/w a level's map size, C channels.
 """
 
 from __future__ import annotations

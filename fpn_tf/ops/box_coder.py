@@ -9,6 +9,8 @@ with ``h = y2 - y1`` (no ``+1``) and ``cy = y1 + 0.5 * h``. The arithmetic follo
 torchvision's ``BoxCoder`` operation by operation so that decoded boxes agree
 with it to the last bit in float32. The RPN uses weights ``(1, 1, 1, 1)``, the
 Fast R-CNN head ``(10, 10, 5, 5)``.
+
+Shapes: any leading dimensions ``[...]`` of boxes / deltas, last dimension 4.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""FPN level assignment of RoIs, paper eq. (1) (Lin et al. 2017, §4.2)."""
+"""FPN level assignment of RoIs, paper eq. (1) (Lin et al. 2017, §4.2).
+
+Shapes: B images, N RoIs per image; boxes (y1, x1, y2, x2) input pixels.
+"""
 
 from __future__ import annotations
 

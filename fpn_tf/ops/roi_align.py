@@ -17,6 +17,9 @@ reads that row / column only.
 
 ``multilevel_roi_align`` pools each box from the FPN level given by eq. (1)
 (paper §4.2) with one gather over all levels flattened together.
+
+Shapes: B images, N RoIs per image, P pooled side (``output_size``), h/w a
+level's map size, C channels. Boxes (y1, x1, y2, x2) input pixels.
 """
 
 from __future__ import annotations
@@ -45,9 +48,9 @@ def _axis_taps(lo, hi, scale, size, output_size, sampling_ratio, aligned):
       size: [B, N] or scalar int32, the feature map's length along the axis.
 
     Returns:
-      index: int32 [B, N, S, 2 * sr], the feature row (or column) of each tap, ordered
+      index: int32 [B, N, P, 2 * sr], the feature row (or column) of each tap, ordered
         (sample, low / high) within a bin.
-      weight: float32 [B, N, S, 2 * sr], its bilinear weight (0 outside the map).
+      weight: float32 [B, N, P, 2 * sr], its bilinear weight (0 outside the map).
     """
     offset = 0.5 if aligned else 0.0
     start = lo * scale - offset

@@ -10,6 +10,8 @@ seed and index, identical in eager, graph and XLA execution), so an image gets
 the same sample whether it is in a batch of 16 or split across replicas. A
 random subset is the ``top_k`` of random keys, which compiles under XLA where
 ``tf.random.shuffle`` does not. Shapes are static.
+
+Shapes: B images, R candidates per image (anchors or RoIs), S sampled per image.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def sample_balanced(
       seeds: ``[B, 2]`` int32, one stateless-random seed per image.
 
     Returns:
-      indices: ``[B, S]`` int32 into ``N``: the sampled positives, then the
+      indices: ``[B, S]`` int32 into ``R``: the sampled positives, then the
         sampled negatives, then 0 in unfilled slots.
       sampled_labels: ``[B, S]`` int32, 1 / 0 for sampled positives /
         negatives, -1 for unfilled slots (not enough candidates).
