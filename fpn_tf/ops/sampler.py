@@ -58,7 +58,7 @@ def sample_balanced(
     """Samples ``num_samples`` boxes per image, positives first.
 
     Args:
-      labels: ``[B, N]`` int32, 1 positive, 0 negative, -1 ignored (never
+      labels: ``[B, R]`` int32, 1 positive, 0 negative, -1 ignored (never
         sampled), e.g. from :func:`fpn_tf.ops.matcher.match_boxes`.
       num_samples: ``S``, boxes per image.
       positive_fraction: at most ``int(S * positive_fraction)`` positives.
@@ -77,7 +77,7 @@ def sample_balanced(
         raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
     labels = tf.cast(labels, tf.int32)
     if labels.shape.rank != 2:
-        raise ValueError(f"labels must be [B, N], got shape {labels.shape}")
+        raise ValueError(f"labels must be [B, R], got shape {labels.shape}")
     seeds = tf.cast(seeds, tf.int32)
     if seeds.shape.rank != 2 or seeds.shape[1] != 2:
         raise ValueError(f"seeds must be [B, 2] int32, got shape {seeds.shape}")
