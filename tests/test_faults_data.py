@@ -53,7 +53,9 @@ def write_dataset(folder, bad: dict[str, bytes] | None = None, annotations=None,
             for k in range(1, 5)
         ]
     ann = folder / "instances.json"
-    ann.write_text(json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "a"}]}))
+    ann.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "a"}]})
+    )
     return str(img_dir), str(ann)
 
 
@@ -117,7 +119,11 @@ def test_fault_non_numeric_box_names_the_annotation(tmp_path):
 
 def _train_ids(image_dir, ann, policy: str, steps: int) -> list[int]:
     data = DataConfig(
-        source="coco_json", train_dir=image_dir, train_annotations=ann, shuffle_buffer=8, bad_image_policy=policy
+        source="coco_json",
+        train_dir=image_dir,
+        train_annotations=ann,
+        shuffle_buffer=8,
+        bad_image_policy=policy,
     )
     cfg = InputConfig(min_size=24, max_size=32, size_divisibility=8, max_gt_boxes=2)
     ds, _ = build_dataset(data, cfg, "train", 1, training=True, seed=3)
@@ -136,12 +142,14 @@ def test_fault_undecodable_training_image_is_skipped_and_logged(tmp_path, caplog
     for name in ("im2.png", "im4.png"):
         path = os.path.join(image_dir, name)
         assert skipped.get(path, 0) >= 1
-        assert any(path in r.getMessage() and "skipping training image" in r.getMessage() for r in caplog.records)
+        assert any(
+            path in r.getMessage() and "skipping training image" in r.getMessage() for r in caplog.records
+        )
     assert tree_hashes(tmp_path) == before
 
 
 def test_fault_undecodable_image_with_error_policy_names_the_file(tmp_path):
-    """Corrupt training image with data.bad_image_policy=error, or any corrupt eval image -> error naming its path."""
+    """Corrupt image, bad_image_policy=error (or in eval) -> error naming its path."""
     image_dir, ann = write_dataset(tmp_path, bad={"im3.png": b"\x89PNG\r\n\x1a\n garbage"})
     before = tree_hashes(tmp_path)
     bad_path = os.path.join(image_dir, "im3.png")
@@ -158,7 +166,7 @@ def test_fault_undecodable_image_with_error_policy_names_the_file(tmp_path):
 
 
 def test_fault_image_size_differs_from_annotations_names_the_file(tmp_path):
-    """Readable image whose size differs from the JSON's height/width -> error naming its path (both policies)."""
+    """Image size differs from the JSON's height/width -> error naming its path (both policies)."""
     image_dir, ann = write_dataset(tmp_path)
     Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(os.path.join(image_dir, "im1.png"))
     with pytest.raises(tf.errors.InvalidArgumentError, match="im1.png"):

@@ -218,9 +218,7 @@ def decode_images(ds: tf.data.Dataset, policy: str) -> tf.data.Dataset:
 
     def read(element, decoded):
         image, ok = decoded
-        check = tf.debugging.Assert(
-            ok, ["could not read or decode image:", element["path"]]
-        )
+        check = tf.debugging.Assert(ok, ["could not read or decode image:", element["path"]])
         with tf.control_dependencies([check]):
             image = tf.identity(image)
         return _read_image(element, image)
