@@ -72,6 +72,14 @@ def identity_label_map(num_classes: int) -> LabelMap:
     return LabelMap(ids, [f"class_{i}" for i in ids])
 
 
+def _too_large(index, verb: str, hw, max_pixels: int) -> tf.Tensor:
+    return tf.strings.format(
+        "image too large: element {} of the request " + verb + " {} x {} pixels; the limit is {} pixels "
+        "(max_image_pixels)",
+        [index, hw[0], hw[1], tf.constant(max_pixels, tf.int64)],
+    )
+
+
 def decode_request_image(encoded: tf.Tensor, index: tf.Tensor, max_pixels: int) -> tf.Tensor:
     """Decodes element ``index`` of a request to uint8 ``[h, w, 3]`` RGB, or fails naming it.
 
@@ -82,19 +90,16 @@ def decode_request_image(encoded: tf.Tensor, index: tf.Tensor, max_pixels: int) 
     known = tf.debugging.Assert(
         is_known_image_format(encoded),
         [
-            "could not decode image: element",
-            index,
-            "of the request is not a JPEG, PNG, GIF, BMP or WebP file (empty or corrupt data); bytes:",
-            tf.strings.length(encoded),
+            tf.strings.format(
+                "could not decode image: element {} of the request is not a JPEG, PNG, GIF, BMP or WebP "
+                "file (empty or corrupt data; {} bytes)",
+                [index, tf.strings.length(encoded)],
+            )
         ],
     )
     with tf.control_dependencies([known]):
         hw = declared_image_hw(encoded)
-    small = tf.debugging.Assert(
-        hw[0] * hw[1] <= max_pixels,
-        ["image too large: element", index, "of the request declares", hw[0], "x", hw[1],
-         "pixels; the limit is", tf.constant(max_pixels, tf.int64), "pixels (max_image_pixels)"],
-    )  # fmt: skip
+    small = tf.debugging.Assert(hw[0] * hw[1] <= max_pixels, [_too_large(index, "declares", hw, max_pixels)])
     with tf.control_dependencies([small]):
         image, ok = try_apply(
             lambda e: tf.io.decode_image(e, channels=3, dtype=tf.uint8, expand_animations=False),
@@ -102,7 +107,12 @@ def decode_request_image(encoded: tf.Tensor, index: tf.Tensor, max_pixels: int) 
             tf.zeros([0, 0, 3], tf.uint8),
         )
     decoded = tf.debugging.Assert(
-        ok, ["could not decode image: element", index, "of the request is corrupt or truncated"]
+        ok,
+        [
+            tf.strings.format(
+                "could not decode image: element {} of the request is corrupt or truncated", [index]
+            )
+        ],
     )
     with tf.control_dependencies([decoded]):
         image = tf.identity(image)
@@ -141,11 +151,7 @@ def resize_and_pad_batch(
         index, element = args
         image = load_fn(element, index)
         hw = tf.cast(tf.shape(image)[:2], tf.int64)
-        small = tf.debugging.Assert(
-            hw[0] * hw[1] <= max_pixels,
-            ["image too large: element", index, "of the request has", hw[0], "x", hw[1],
-             "pixels; the limit is", tf.constant(max_pixels, tf.int64), "pixels (max_image_pixels)"],
-        )  # fmt: skip
+        small = tf.debugging.Assert(hw[0] * hw[1] <= max_pixels, [_too_large(index, "has", hw, max_pixels)])
         with tf.control_dependencies([small]):
             resized, info = resize_image(image, input_config.min_size, input_config.max_size)
         return tf.RaggedTensor.from_tensor(resized), info
