@@ -84,7 +84,8 @@ def test_defaults_and_shipped_configs_are_valid():
         ("data.bad_image_policy=ignore", "data.bad_image_policy must be one of skip, error, got 'ignore'"),
     ],
 )
-def test_out_of_range_value_names_its_key_and_file(tmp_path, override, message):
+def test_fault_config_value_out_of_range_names_its_key(tmp_path, override, message):
+    """Config value out of range (size 0, interval 0, IoU 1.5, ...) -> ConfigError naming key and file."""
     path = tmp_path / "run.yaml"
     path.write_text("model:\n  num_classes: 4\ntrain:\n  batch_size: 2\n")
     before = _sha(path)
@@ -95,7 +96,8 @@ def test_out_of_range_value_names_its_key_and_file(tmp_path, override, message):
     assert _sha(path) == before
 
 
-def test_value_in_the_file_is_checked_too(tmp_path):
+def test_fault_config_file_lists_every_problem(tmp_path):
+    """YAML with several bad values -> one ConfigError listing every dotted key."""
     path = tmp_path / "run.yaml"
     path.write_text("train:\n  checkpoint_every: 0\n  log_every: 0\ninput_typo: 1\n")
     with pytest.raises(C.ConfigError, match="unknown config key"):
@@ -108,8 +110,8 @@ def test_value_in_the_file_is_checked_too(tmp_path):
         assert key in str(e.value)
 
 
-def test_yaml_1_1_exponent_floats_are_accepted(tmp_path):
-    """PyYAML reads 1e-5 as a string; float fields take it, in a file and in an override."""
+def test_fault_yaml_exponent_float_is_accepted(tmp_path):
+    """`1e-5` (a string to PyYAML) in a file or --override for a float field -> accepted as 1e-05."""
     path = tmp_path / "run.yaml"
     path.write_text("model:\n  backbone:\n    bn_epsilon: 1e-5\ntrain:\n  weight_decay: 5E-4\n")
     assert yaml.safe_load(path.read_text())["model"]["backbone"]["bn_epsilon"] == "1e-5"
@@ -128,10 +130,26 @@ def test_yaml_1_1_exponent_floats_are_accepted(tmp_path):
         C.load_config(None, ["model.backbone.bn_epsilon=1e999"])
 
 
-def test_from_dict_checks_sections_built_on_their_own():
-    """FasterRCNN.from_config and the RPN layers build sections with from_dict: checked too."""
+def test_fault_from_dict_checks_sections_built_on_their_own():
+    """Bad value in a saved model config (from_dict of a section) -> ConfigError naming the key."""
     with pytest.raises(C.ConfigError, match="num_classes must be >= 2, got 1"):
         C.from_dict(C.ModelConfig, {"num_classes": 1})
     with pytest.raises(C.ConfigError, match="nms_iou must be in \\[0, 1\\], got -1.0"):
         C.from_dict(C.RPNConfig, {"nms_iou": -1.0})
     assert C.from_dict(C.ModelConfig, C.to_dict(C.ModelConfig())) == C.ModelConfig()
+
+
+def test_reliability_doc_matches_the_fault_tests():
+    """docs/reliability.md is generated from the test_fault_* docstrings: it must be current."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "reliability_matrix.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    with open(os.path.join(ROOT, "docs", "reliability.md"), encoding="utf-8") as f:
+        assert f.read().count("| `tests/test_") >= 20
