@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -192,6 +193,10 @@ class DataConfig:
     synthetic_num_classes: int = 3
     synthetic_seed: int = 0
     shuffle_buffer: int = 256
+    # A training image that cannot be read or decoded: "skip" leaves it out (logged
+    # with its path, counted by pipeline.skipped_images()); "error" stops naming it.
+    # Evaluation images are always fatal: skipping one would silently change the AP.
+    bad_image_policy: str = "skip"  # skip | error
 
 
 @dataclass
@@ -238,6 +243,11 @@ class ConfigError(ValueError):
     """A configuration file or override that does not fit the dataclasses."""
 
 
+# PyYAML follows YAML 1.1, whose floats need a dot: it reads ``1e-5`` as the
+# string "1e-5". Such strings are accepted where a float is expected.
+_FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
 def _convert(value: Any, annotation: Any, where: str) -> Any:
     """Converts a YAML value to the type named by a dataclass annotation."""
     if dataclasses.is_dataclass(annotation):
@@ -259,6 +269,8 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         if not math.isfinite(float(value)):
@@ -306,8 +318,15 @@ def _from_dict(cls: type, values: dict, where: str = "") -> Any:
 
 
 def from_dict(cls: type, values: dict) -> Any:
-    """Builds dataclass ``cls`` from a nested dict; unknown keys raise ConfigError."""
-    return _from_dict(cls, values or {})
+    """Builds dataclass ``cls`` from a nested dict and checks its values.
+
+    Raises:
+      ConfigError: naming the dotted key of an unknown key, a value of the wrong
+        type, or a value out of its range (``fpn_tf.config_checks``).
+    """
+    from fpn_tf.config_checks import check_config  # imports this module
+
+    return check_config(_from_dict(cls, values or {}))
 
 
 def to_dict(config: Any) -> dict:

@@ -24,6 +24,11 @@ flags.DEFINE_multi_string("override", [], "Config overrides key.path=value, e.g.
 flags.DEFINE_string("export_dir", "saved_models", "Base directory: writes <export_dir>/<name>/<version>/.")
 flags.DEFINE_string("name", "fpn_faster_rcnn", "Model name (TF Serving's MODEL_NAME).")
 flags.DEFINE_integer("version", None, "Version number; default: one more than the highest existing.")
+flags.DEFINE_integer(
+    "max_image_pixels",
+    50_000_000,
+    "Largest height x width a request's image may have (checked before decoding).",
+)
 flags.DEFINE_string("label_map", None, "Label map JSON (default: <model_dir>/label_map.json, else identity).")
 
 
@@ -45,7 +50,12 @@ def main(argv):
         )
     built = time.perf_counter()
     path = saved_model.export_saved_model(
-        model, FLAGS.export_dir, FLAGS.name, version=FLAGS.version, label_map=label_map
+        model,
+        FLAGS.export_dir,
+        FLAGS.name,
+        version=FLAGS.version,
+        label_map=label_map,
+        max_image_pixels=FLAGS.max_image_pixels,
     )
     done = time.perf_counter()
     print(f"exported {path} (build/restore {built - start:.1f} s, export {done - built:.1f} s)")

@@ -14,6 +14,11 @@ files); more paths may follow the flags. Files that cannot be read or decoded
 are skipped with a message (and listed under "skipped" in the JSON); the exit
 status is 1 only when no image could be processed.
 
+Nothing is overwritten: an ``--output_dir`` that is an input folder or holds an
+input image is refused, and a PNG or JSON whose name exists already gets a
+``_1``, ``_2``, ... suffix (``detections_1.json`` for a second run into the same
+folder; the script prints the names it wrote).
+
 The JSON (``<output_dir>/detections.json``)::
 
     {"box_format": "y1, x1, y2, x2 in original-image pixels",
@@ -123,13 +128,44 @@ def detections_to_json(outputs: dict, label_map, min_score: float) -> list[dict]
     return result
 
 
-def unique_png_path(output_dir: str, image_path: str, used: set[str]) -> str:
-    stem = os.path.splitext(os.path.basename(image_path))[0] or "image"
-    name, k = f"{stem}.png", 1
-    while name in used or name == "detections.json":
-        name, k = f"{stem}_{k}.png", k + 1
+def check_output_dir(output_dir: str, files: list[str], input_paths: list[str]) -> None:
+    """Refuses an output folder that is an input folder or holds an input image.
+
+    The PNGs written there could otherwise replace a user's image (``a.png`` drawn
+    over ``a.png``). A folder inside an input folder is fine: folders are not
+    searched recursively.
+    """
+    out = os.path.realpath(output_dir)
+    for path in input_paths:
+        if os.path.isdir(path) and os.path.realpath(path) == out:
+            raise app.UsageError(
+                f"--output_dir {output_dir} is the input folder {path}: choose another folder"
+            )
+    for path in files:
+        if os.path.dirname(os.path.realpath(path)) == out:
+            raise app.UsageError(
+                f"--output_dir {output_dir} holds the input image {path}: choose a folder without inputs"
+            )
+
+
+def unique_path(output_dir: str, stem: str, ext: str, used: set[str]) -> str:
+    """``output_dir/stem.ext``, or ``stem_1.ext``, ``stem_2.ext``, ... : never an existing file."""
+    name, k = f"{stem}{ext}", 1
+    while name in used or os.path.lexists(os.path.join(output_dir, name)):
+        name, k = f"{stem}_{k}{ext}", k + 1
     used.add(name)
     return os.path.join(output_dir, name)
+
+
+def unique_png_path(output_dir: str, image_path: str, used: set[str]) -> str:
+    stem = os.path.splitext(os.path.basename(image_path))[0] or "image"
+    return unique_path(output_dir, stem, ".png", used)
+
+
+def write_new(path: str, write) -> None:
+    """Creates ``path`` (exclusively: never replaces a file) and calls ``write(f)``."""
+    with open(path, "xb") as f:
+        write(f)
 
 
 def main(argv):
@@ -141,6 +177,7 @@ def main(argv):
     files = collect_inputs(list(FLAGS.inputs) + list(argv[1:]))
     if not files:
         raise app.UsageError("no input images: pass --inputs with image files or folders")
+    check_output_dir(FLAGS.output_dir, files, list(FLAGS.inputs) + list(argv[1:]))
     detect, label_map = load_detector(FLAGS)
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     images, skipped, used = [], [], set()
@@ -158,19 +195,20 @@ def main(argv):
             continue
         detections = detections_to_json(outputs, label_map, FLAGS.min_score)
         png = unique_png_path(FLAGS.output_dir, path, used)
-        draw_detections(
+        drawn = draw_detections(
             image,
             [d["box"] for d in detections],
             [d["score"] for d in detections],
             [d["category_id"] for d in detections],
             [d["category_name"] for d in detections],
-        ).save(png)
+        )
+        write_new(png, lambda f, drawn=drawn: drawn.save(f, format="PNG"))
         h, w = image.shape[:2]
         images.append({"file": path, "height": h, "width": w, "visualization": png, "detections": detections})
         print(f"{path}: {len(detections)} detection(s) with score >= {FLAGS.min_score} -> {png}")
-    out = os.path.join(FLAGS.output_dir, "detections.json")
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump({"box_format": BOX_FORMAT, "images": images, "skipped": skipped}, f, indent=1)
+    out = unique_path(FLAGS.output_dir, "detections", ".json", set())
+    text = json.dumps({"box_format": BOX_FORMAT, "images": images, "skipped": skipped}, indent=1)
+    write_new(out, lambda f: f.write(text.encode("utf-8")))
     print(f"wrote {out}: {len(images)} image(s), {len(skipped)} skipped")
     if not images:
         return 1

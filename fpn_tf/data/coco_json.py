@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -59,12 +61,51 @@ class CocoJsonStats:
     num_zero_area_dropped: int = 0  # boxes with no area after clipping
 
 
-def load_coco(annotation_path: str) -> COCO:
-    """Loads a COCO instances JSON with pycocotools, without its prints."""
+def read_annotation_json(annotation_path: str) -> dict:
+    """The parsed COCO instances JSON, its top-level layout checked.
+
+    Raises:
+      FileNotFoundError / ValueError naming ``annotation_path``: no such file, not
+      UTF-8 JSON (with the line and column), not an object, no ``images`` or
+      ``categories`` list, or an ``annotations`` entry that is not a list.
+    """
     if not os.path.isfile(annotation_path):
         raise FileNotFoundError(f"COCO annotation file not found: {annotation_path}")
+    try:
+        with open(annotation_path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{annotation_path}: not a COCO JSON file: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{annotation_path}: a COCO JSON file holds an object with 'images', 'annotations' and "
+            f"'categories', got a {type(data).__name__}"
+        )
+    for key in ("images", "categories", "annotations"):
+        if key not in data and key != "annotations":
+            raise ValueError(f"{annotation_path}: the COCO JSON has no {key!r} list")
+        if key in data and not isinstance(data[key], list):
+            raise ValueError(f"{annotation_path}: {key!r} must be a list, got {type(data[key]).__name__}")
+    return data
+
+
+def load_coco(annotation_path: str) -> COCO:
+    """Loads a COCO instances JSON with pycocotools, without its prints.
+
+    The file is read and checked by ``read_annotation_json`` (errors name the path).
+    """
+    data = read_annotation_json(annotation_path)
     with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(annotation_path)
+        coco = COCO()
+        coco.dataset = data
+        try:
+            coco.createIndex()
+        except (KeyError, TypeError) as e:  # pycocotools indexes every entry by its "id"
+            raise ValueError(
+                f"{annotation_path}: an image, annotation or category entry is malformed "
+                f"({type(e).__name__}: {e}); each needs an 'id' (annotations also 'image_id')"
+            ) from None
+    return coco
 
 
 def resolve_image_path(image_dir: str, file_name: str) -> str:
@@ -85,7 +126,12 @@ def resolve_image_path(image_dir: str, file_name: str) -> str:
 def _xywh_to_yxyx(bbox, where: str) -> np.ndarray:
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
         raise ValueError(f"{where}: bbox must be [x, y, width, height], got {bbox!r}")
-    x, y, w, h = (float(v) for v in bbox)
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: bbox must hold 4 numbers, got {bbox!r}") from None
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        raise ValueError(f"{where}: bbox has a non-finite coordinate (NaN or Inf): {bbox!r}")
     return np.asarray([y, x, y + h, x + w], np.float64)
 
 
@@ -100,7 +146,8 @@ def records_from_coco(
       FileNotFoundError: naming the first image file that does not exist
         (when ``check_files``).
       ValueError: a file name escaping ``image_dir``, an image without
-        height/width, or an annotation whose category is not in ``categories``.
+        height/width, or an annotation whose category is not in ``categories``
+        or whose bbox is not 4 finite numbers (naming the annotation id).
       masks.SegmentationError (a ValueError): with masks, naming the annotation
         whose segmentation is missing or malformed.
     """

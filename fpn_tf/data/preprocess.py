@@ -47,12 +47,8 @@ def decode_image(encoded: tf.Tensor) -> tf.Tensor:
         (``DecodeImage`` op) with the decoder's message.
     """
     encoded = tf.convert_to_tensor(encoded, tf.string)
-    # Padded so that substr never runs past the end of short inputs.
-    head = tf.strings.substr(encoded, 0, 12) + b"\0" * 12
-    known = tf.reduce_any(tf.stack([tf.strings.substr(head, 0, len(m)) == m for m in _MAGIC]))
-    webp = tf.logical_and(tf.strings.substr(head, 0, 4) == b"RIFF", tf.strings.substr(head, 8, 4) == b"WEBP")
     check = tf.debugging.Assert(
-        tf.logical_or(known, webp),
+        is_known_image_format(encoded),
         [
             "could not decode image: the bytes are not a JPEG, PNG, GIF, BMP or WebP file "
             "(empty or corrupt data); number of bytes:",
@@ -63,6 +59,100 @@ def decode_image(encoded: tf.Tensor) -> tf.Tensor:
         image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
     image.set_shape([None, None, 3])
     return image
+
+
+def _head(encoded: tf.Tensor, n: int = 32) -> tf.Tensor:
+    """The first ``n`` bytes, zero padded so that substr never runs past the end."""
+    return tf.strings.substr(encoded, 0, n) + b"\0" * n
+
+
+def is_known_image_format(encoded: tf.Tensor) -> tf.Tensor:
+    """bool scalar: ``encoded`` starts like a JPEG, PNG, GIF, BMP or WebP file."""
+    head = _head(tf.convert_to_tensor(encoded, tf.string), 12)
+    known = tf.reduce_any(tf.stack([tf.strings.substr(head, 0, len(m)) == m for m in _MAGIC]))
+    webp = tf.logical_and(tf.strings.substr(head, 0, 4) == b"RIFF", tf.strings.substr(head, 8, 4) == b"WEBP")
+    return tf.logical_or(known, webp)
+
+
+def _uint(head: tf.Tensor, offset: int, size: int, big_endian: bool = False) -> tf.Tensor:
+    """The unsigned integer of ``size`` bytes at ``offset`` of ``head``, as int64."""
+    raw = tf.cast(tf.io.decode_raw(tf.strings.substr(head, offset, size), tf.uint8), tf.int64)
+    shifts = tf.range(size, dtype=tf.int64) * 8
+    if big_endian:
+        shifts = tf.reverse(shifts, [0])
+    return tf.reduce_sum(tf.bitwise.left_shift(raw, shifts))
+
+
+def try_apply(fn, value: tf.Tensor, fallback):
+    """``(fn(value), True)``, or ``(fallback, False)`` where ``fn`` raises an op error.
+
+    TensorFlow graphs have no try/except: ``fn`` runs in a one-element tf.data
+    dataset whose error ``ignore_errors`` drops, and ``fallback`` takes its place.
+    ``fallback`` must have ``fn``'s structure and dtypes.
+    """
+    tried = tf.data.Dataset.from_tensors(value).map(lambda v: (fn(v), tf.constant(True))).ignore_errors()
+    spare = tf.data.Dataset.from_tensors((fallback, tf.constant(False)))
+    return tried.concatenate(spare).take(1).get_single_element()
+
+
+def declared_image_hw(encoded: tf.Tensor) -> tf.Tensor:
+    """int64 ``[2]`` (height, width) an image file's header declares, without decoding it.
+
+    JPEG (``extract_jpeg_shape``), PNG (IHDR), GIF (logical screen), BMP (info
+    header) and WebP (VP8 / VP8L / VP8X chunks); ``(-1, -1)`` for other bytes or a
+    JPEG whose header cannot be parsed. Lets a server refuse a huge image before
+    its pixels are allocated: an 8000x8000 PNG of one colour is ~200 KB.
+    """
+    encoded = tf.convert_to_tensor(encoded, tf.string)
+    head = _head(encoded)
+    tag = tf.strings.substr(head, 0, 4)
+    unknown = tf.constant([-1, -1], tf.int64)
+
+    def jpeg():
+        hw, _ok = try_apply(lambda e: tf.cast(tf.image.extract_jpeg_shape(e)[:2], tf.int64), encoded, unknown)
+        return hw
+
+    def webp():
+        chunk = tf.strings.substr(head, 12, 4)
+        vp8l_bits = _uint(head, 21, 4)
+        return tf.case(
+            [
+                (
+                    tf.equal(chunk, b"VP8X"),
+                    lambda: tf.stack([_uint(head, 27, 3) + 1, _uint(head, 24, 3) + 1]),
+                ),
+                (
+                    tf.equal(chunk, b"VP8L"),
+                    lambda: tf.stack(
+                        [(tf.bitwise.right_shift(vp8l_bits, 14) & 0x3FFF) + 1, (vp8l_bits & 0x3FFF) + 1]
+                    ),
+                ),
+                (
+                    tf.equal(chunk, b"VP8 "),
+                    lambda: tf.stack([_uint(head, 28, 2) & 0x3FFF, _uint(head, 26, 2) & 0x3FFF]),
+                ),
+            ],
+            default=lambda: unknown,
+        )
+
+    bmp_h = _uint(head, 22, 4)
+    bmp_h = tf.where(bmp_h >= 2**31, 2**32 - bmp_h, bmp_h)  # negative: a top-down BMP
+    return tf.case(
+        [
+            (tf.equal(tf.strings.substr(head, 0, 3), b"\xff\xd8\xff"), jpeg),
+            (
+                tf.equal(tag, b"\x89PNG"),
+                lambda: tf.stack([_uint(head, 20, 4, True), _uint(head, 16, 4, True)]),
+            ),
+            (tf.equal(tag, b"GIF8"), lambda: tf.stack([_uint(head, 8, 2), _uint(head, 6, 2)])),
+            (tf.equal(tf.strings.substr(head, 0, 2), b"BM"), lambda: tf.stack([bmp_h, _uint(head, 18, 4)])),
+            (
+                tf.logical_and(tf.equal(tag, b"RIFF"), tf.equal(tf.strings.substr(head, 8, 4), b"WEBP")),
+                webp,
+            ),
+        ],
+        default=lambda: unknown,
+    )
 
 
 def compute_resize(orig_hw, min_size, max_size) -> tuple[tf.Tensor, tf.Tensor]:

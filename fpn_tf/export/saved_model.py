@@ -10,7 +10,9 @@ sub-directory. ``export_saved_model`` writes::
         assets/model_config.json       # fpn_tf.config.to_dict(ModelConfig), as served
 
 It is written to a hidden temporary directory beside the version and renamed
-into place, so a running server never sees a half-written version.
+into place, so a running server never sees a half-written version; folders and
+files get the usual modes (0777 / 0666 minus the umask: 0755 / 0644 with the
+common umask 022), so a server running as another user can read them.
 
 ``tf.saved_model.save`` runs on a ``tf.Module`` (``DetectionModule``) that holds
 the model: each variable is stored once (Keras' ``model.export`` stores them
@@ -30,10 +32,31 @@ import tensorflow as tf
 from fpn_tf.checkpoints import restore_model  # noqa: F401  (re-exported for the scripts)
 from fpn_tf.config import ExperimentConfig, ModelConfig, from_dict, load_config, to_dict
 from fpn_tf.data.label_map import LabelMap
-from fpn_tf.export.serving import DetectionModule
+from fpn_tf.export.serving import DEFAULT_MAX_IMAGE_PIXELS, DetectionModule
 
 LABEL_MAP_ASSET = "label_map.json"
 MODEL_CONFIG_ASSET = "model_config.json"
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def _usual_permissions(root: str) -> None:
+    """Folders 0777 and files 0666 minus the umask, as ``mkdir`` / ``open`` give them.
+
+    ``tempfile.mkdtemp`` makes the version folder 0700, which a TF Serving process
+    running as another user cannot read.
+    """
+    mask = _current_umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
 
 
 def existing_versions(model_dir: str) -> list[int]:
@@ -69,6 +92,7 @@ def export_saved_model(
     name: str,
     version: int | None = None,
     label_map: LabelMap | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> str:
     """Exports a FasterRCNN as ``<export_dir_base>/<name>/<version>/`` for TF Serving.
 
@@ -80,6 +104,8 @@ def export_saved_model(
         version (1 for the first export).
       label_map: maps the model's labels to the dataset's category ids and names;
         None = identity (category id = label, names ``class_<id>``).
+      max_image_pixels: the largest height x width a served image may have
+        (``serving.DEFAULT_MAX_IMAGE_PIXELS``: 50 MP).
 
     Returns:
       The path of the written version directory.
@@ -100,7 +126,7 @@ def export_saved_model(
     if os.path.exists(path):
         raise FileExistsError(f"{path} already exists; choose another --version or remove it")
 
-    module = DetectionModule(model, label_map)
+    module = DetectionModule(model, label_map, max_image_pixels=max_image_pixels)
     label_map = module.label_map
     tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir)
     try:
@@ -114,6 +140,7 @@ def export_saved_model(
             module.label_map_file = tf.saved_model.Asset(label_path)
             module.model_config_file = tf.saved_model.Asset(config_path)
             tf.saved_model.save(module, tmp, signatures=module.signatures())
+        _usual_permissions(tmp)
         os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -37,7 +37,14 @@ import tensorflow as tf
 
 from fpn_tf.config import InputConfig
 from fpn_tf.data.label_map import LabelMap
-from fpn_tf.data.preprocess import decode_image, pad_image, padded_size, resize_image
+from fpn_tf.data.preprocess import (
+    declared_image_hw,
+    is_known_image_format,
+    pad_image,
+    padded_size,
+    resize_image,
+    try_apply,
+)
 
 SIGNATURE_INPUTS = {
     "serving_default": "encoded_images",
@@ -52,6 +59,11 @@ OUTPUT_KEYS = (
     "num_detections",
 )
 IMAGE_FEATURE = "image/encoded"
+# Cap on an image's pixel count (height x width), checked on the size its header
+# declares BEFORE decoding and again on the decoded size: 50 MP is ~150 MB as RGB
+# uint8 (and 4x that as float32 while resizing). An 8000 x 8000 PNG of one colour
+# is ~80 KB on the wire and would otherwise decode to 192 MB.
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 
 
 def identity_label_map(num_classes: int) -> LabelMap:
@@ -60,14 +72,66 @@ def identity_label_map(num_classes: int) -> LabelMap:
     return LabelMap(ids, [f"class_{i}" for i in ids])
 
 
-def resize_and_pad_batch(images, load_fn, input_config: InputConfig) -> tuple[tf.Tensor, tf.Tensor]:
+def _too_large(index, verb: str, hw, max_pixels: int) -> tf.Tensor:
+    return tf.strings.format(
+        "image too large: element {} of the request " + verb + " {} x {} pixels; the limit is {} pixels "
+        "(max_image_pixels)",
+        [index, hw[0], hw[1], tf.constant(max_pixels, tf.int64)],
+    )
+
+
+def decode_request_image(encoded: tf.Tensor, index: tf.Tensor, max_pixels: int) -> tf.Tensor:
+    """Decodes element ``index`` of a request to uint8 ``[h, w, 3]`` RGB, or fails naming it.
+
+    Checks, in order, each error naming the element's index: the bytes start like
+    a JPEG / PNG / GIF / BMP / WebP file; the size its header declares is at most
+    ``max_pixels`` (nothing is decoded otherwise); the decoder succeeds.
+    """
+    known = tf.debugging.Assert(
+        is_known_image_format(encoded),
+        [
+            tf.strings.format(
+                "could not decode image: element {} of the request is not a JPEG, PNG, GIF, BMP or WebP "
+                "file (empty or corrupt data; {} bytes)",
+                [index, tf.strings.length(encoded)],
+            )
+        ],
+    )
+    with tf.control_dependencies([known]):
+        hw = declared_image_hw(encoded)
+    small = tf.debugging.Assert(hw[0] * hw[1] <= max_pixels, [_too_large(index, "declares", hw, max_pixels)])
+    with tf.control_dependencies([small]):
+        image, ok = try_apply(
+            lambda e: tf.io.decode_image(e, channels=3, dtype=tf.uint8, expand_animations=False),
+            encoded,
+            tf.zeros([0, 0, 3], tf.uint8),
+        )
+    decoded = tf.debugging.Assert(
+        ok,
+        [
+            tf.strings.format(
+                "could not decode image: element {} of the request is corrupt or truncated", [index]
+            )
+        ],
+    )
+    with tf.control_dependencies([decoded]):
+        image = tf.identity(image)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def resize_and_pad_batch(
+    images, load_fn, input_config: InputConfig, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> tuple[tf.Tensor, tf.Tensor]:
     """Loads, resizes and pads a batch of images of any sizes into one network input.
 
     Args:
       images: a tensor whose first axis indexes the images (``[B]`` strings or
         ``[B, h, w, 3]`` uint8).
-      load_fn: maps one element of ``images`` to uint8 ``[h, w, 3]`` RGB.
+      load_fn: ``load_fn(element, index)`` maps one element of ``images`` to uint8
+        ``[h, w, 3]`` RGB (``index``: its int32 position, for error messages).
       input_config: the model's ``InputConfig`` (resize rule, size_divisibility).
+      max_pixels: the largest ``h * w`` accepted per image.
 
     Returns:
       ``images`` float32 ``[B, H, W, 3]`` in [0, 255] (each resized image at the
@@ -76,20 +140,26 @@ def resize_and_pad_batch(images, load_fn, input_config: InputConfig) -> tuple[tf
       ``(orig_h, orig_w, valid_h, valid_w, scale_y, scale_x)``.
 
     Raises:
-      tf.errors.InvalidArgumentError: an empty batch, or an image that cannot be
-        decoded ("could not decode image ...").
+      tf.errors.InvalidArgumentError: an empty batch, an image that cannot be
+        decoded ("could not decode image: element i ...") or one of more than
+        ``max_pixels`` pixels ("image too large: element i ...").
     """
     count = tf.shape(images)[0]
     check = tf.debugging.assert_positive(count, message="the request holds no images (batch size 0)")
 
-    def load_and_resize(element):
-        resized, info = resize_image(load_fn(element), input_config.min_size, input_config.max_size)
+    def load_and_resize(args):
+        index, element = args
+        image = load_fn(element, index)
+        hw = tf.cast(tf.shape(image)[:2], tf.int64)
+        small = tf.debugging.Assert(hw[0] * hw[1] <= max_pixels, [_too_large(index, "has", hw, max_pixels)])
+        with tf.control_dependencies([small]):
+            resized, info = resize_image(image, input_config.min_size, input_config.max_size)
         return tf.RaggedTensor.from_tensor(resized), info
 
     with tf.control_dependencies([check]):
         ragged, image_info = tf.map_fn(
             load_and_resize,
-            images,
+            (tf.range(count), images),
             fn_output_signature=(
                 tf.RaggedTensorSpec([None, None, 3], tf.float32, ragged_rank=1),
                 tf.TensorSpec([6], tf.float32),
@@ -126,10 +196,25 @@ class DetectionModule(tf.Module):
       model: a built ``FasterRCNN`` (``model.config`` a ModelConfig); the module
         tracks its variables (``model_variables``) and calls the model itself.
       label_map: maps the model's labels 1..K to category ids; None = identity.
+      max_image_pixels: the largest height x width a request's image may have
+        (checked on the declared size before decoding; fixed when exported).
     """
 
-    def __init__(self, model, label_map: LabelMap | None = None, name: str = "detection_module"):
+    def __init__(
+        self,
+        model,
+        label_map: LabelMap | None = None,
+        name: str = "detection_module",
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    ):
         super().__init__(name=name)
+        if (
+            isinstance(max_image_pixels, bool)
+            or not isinstance(max_image_pixels, int)
+            or max_image_pixels < 1
+        ):
+            raise ValueError(f"max_image_pixels must be a positive integer, got {max_image_pixels!r}")
+        self.max_image_pixels = max_image_pixels
         config = model.config
         if config.rpn_only:
             raise ValueError("an rpn_only model has no detections to serve; export a full Faster R-CNN")
@@ -179,7 +264,9 @@ class DetectionModule(tf.Module):
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=SIGNATURE_INPUTS["serving_default"])])
     def serve_encoded(self, encoded_images):
         """``[B]`` encoded images (each its own size) -> detections."""
-        images, image_info = resize_and_pad_batch(encoded_images, decode_image, self.input_config)
+        images, image_info = resize_and_pad_batch(
+            encoded_images, self._decode, self.input_config, self.max_image_pixels
+        )
         return self.detect(images, image_info)
 
     @tf.function(
@@ -189,15 +276,22 @@ class DetectionModule(tf.Module):
     )
     def serve_image_tensor(self, images):
         """uint8 ``[B, h, w, 3]`` RGB -> detections."""
-        batch, image_info = resize_and_pad_batch(images, lambda image: image, self.input_config)
+        batch, image_info = resize_and_pad_batch(
+            images, lambda image, _index: image, self.input_config, self.max_image_pixels
+        )
         return self.detect(batch, image_info)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=SIGNATURE_INPUTS["tf_example"])])
     def serve_tf_example(self, serialized_examples):
         """``[B]`` serialized tf.Example with ``image/encoded`` -> detections."""
         encoded = parse_image_examples(serialized_examples)
-        images, image_info = resize_and_pad_batch(encoded, decode_image, self.input_config)
+        images, image_info = resize_and_pad_batch(
+            encoded, self._decode, self.input_config, self.max_image_pixels
+        )
         return self.detect(images, image_info)
+
+    def _decode(self, encoded, index):
+        return decode_request_image(encoded, index, self.max_image_pixels)
 
     @property
     def model(self):

@@ -68,10 +68,29 @@ def _default_path(depth: int) -> str:
     return os.path.join(home, "models", weights_file_name(depth))
 
 
+def _open_h5(path: str) -> h5py.File:
+    """``h5py.File(path, "r")``; errors name the path (h5py's say "file signature not found")."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Keras weights file not found: {path}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise WeightImportError(f"{path} is not a readable HDF5 (.h5) weights file: {e}") from None
+
+
+def check_h5_file(path: str) -> None:
+    """Raises FileNotFoundError / WeightImportError naming ``path`` unless it opens as HDF5.
+
+    For callers that hand the file to Keras' ``load_weights`` (``*.weights.h5``),
+    whose error from h5py names no file.
+    """
+    _open_h5(path).close()
+
+
 def read_keras_h5(path: str) -> dict[str, dict[str, np.ndarray]]:
     """``{layer name: {param name: array}}`` of a Keras weights file (Keras 2 or 3 layout)."""
     layers: dict[str, dict[str, np.ndarray]] = {}
-    with h5py.File(path, "r") as f:
+    with _open_h5(path) as f:
         root = f["model_weights"] if "model_weights" in f else f  # a full-model .h5
         if "layer_names" in root.attrs:  # Keras 2 layout
             for raw in root.attrs["layer_names"]:

@@ -102,6 +102,23 @@ def _load_pth(path: str) -> Mapping:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _read_weights_file(path: str) -> Mapping:
+    """A .npz / .pth file's mapping; a corrupt or truncated file raises WeightImportError naming it."""
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        return _load_pth(path)
+    except ImportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - zipfile, pickle, torch and numpy all raise their own
+        kind = "numpy .npz" if path.endswith(".npz") else "PyTorch"
+        raise WeightImportError(
+            f"{path} is not a readable {kind} state dict (corrupt, truncated or another format): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
+
+
 def read_state_dict(source) -> dict[str, np.ndarray]:
     """A torchvision state dict as ``{key: numpy array}``.
 
@@ -114,24 +131,25 @@ def read_state_dict(source) -> dict[str, np.ndarray]:
         is removed from every key.
 
     Raises:
-      FileNotFoundError naming the path; ValueError for an unknown file type or
-      content that is not a mapping of arrays.
+      FileNotFoundError naming the path; WeightImportError naming the path of a
+      corrupt or truncated file; ValueError for an unknown file type or content
+      that is not a mapping of arrays (naming the path or the key).
     """
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.exists(path):
             raise FileNotFoundError(f"state dict file not found: {path}")
-        if path.endswith(".npz"):
-            with np.load(path, allow_pickle=False) as data:
-                state = {k: data[k] for k in data.files}
-        elif path.endswith((".pth", ".pt", ".bin")):
-            state = _load_pth(path)
+        if path.endswith((".npz", ".pth", ".pt", ".bin")):
+            state = _read_weights_file(path)
         else:
             raise ValueError(f"{path}: expected a .pth / .pt (PyTorch) or .npz (numpy) file")
     else:
-        state = source
+        path, state = None, source
     if not isinstance(state, Mapping):
-        raise ValueError(f"a state dict must be a mapping of name -> tensor, got {type(state).__name__}")
+        where = f"{path}: " if path else ""
+        raise ValueError(
+            f"{where}a state dict must be a mapping of name -> tensor, got {type(state).__name__}"
+        )
     for wrapper in ("model", "state_dict"):
         if wrapper in state and isinstance(state[wrapper], Mapping):
             state = state[wrapper]
