@@ -143,8 +143,10 @@ RULES: dict[type, dict[str, Any]] = {
         "pixel_mean": Each(Range(), 3, 3),
         "pixel_std": Each(POSITIVE, 3, 3),
         "max_gt_boxes": AT_LEAST_1,
+        "mask_size": NON_NEGATIVE,  # 0: no masks in the batch
     },
     C.ModelConfig: {
+        "type": Choice(C.MODEL_TYPES),
         "num_classes": Range(2),  # background + at least one class
         "compute_dtype": Choice(("float32", "mixed_bfloat16")),
     },
@@ -172,6 +174,7 @@ RULES: dict[type, dict[str, Any]] = {
         "checkpoint_every": AT_LEAST_1,
         "max_checkpoints_to_keep": AT_LEAST_1,
         "log_every": AT_LEAST_1,
+        "eval_every": NON_NEGATIVE,  # 0: no evaluation during training
         "seed": NON_NEGATIVE,
     },
     C.EvalConfig: {
