@@ -15,7 +15,7 @@ import tensorflow as tf
 from absl import logging
 
 from fpn_tf.config import ModelConfig
-from fpn_tf.models.weights_keras_applications import load_keras_applications_backbone
+from fpn_tf.models.weights_keras_applications import check_h5_file, load_keras_applications_backbone
 from fpn_tf.models.weights_torchvision import load_torchvision_backbone
 
 
@@ -95,6 +95,7 @@ def load_init_checkpoint(model: keras.Model, path: str) -> None:
     if path.endswith((".h5", ".pth", ".pt", ".npz")) and not os.path.exists(path):
         raise FileNotFoundError(f"init checkpoint {path} does not exist")
     if path.endswith(".weights.h5"):
+        check_h5_file(path)  # names the file, where h5py says only "file signature not found"
         _backbone_or_model(model).load_weights(path)
         logging.info("initialised %s from %s", _backbone_or_model(model).name, path)
         return
