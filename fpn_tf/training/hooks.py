@@ -160,7 +160,8 @@ class EvaluationHook(Hook):
             self.best = value
             best_dir = os.path.join(trainer.model_dir, "best")
             os.makedirs(best_dir, exist_ok=True)
-            prefix = tf.train.Checkpoint(model=trainer.model).write(os.path.join(best_dir, "ckpt"))
+            best = tf.train.Checkpoint(model=trainer.model, step=trainer.step)
+            prefix = best.write(os.path.join(best_dir, "ckpt"))
             with open(self._best_file(trainer), "w", encoding="utf-8") as f:
                 json.dump({"step": step, "checkpoint": prefix, "metrics": metrics}, f, indent=2)
             logging.info("new best %s %.4f at step %d: %s", self.metric, value, step, prefix)
