@@ -79,7 +79,8 @@ def damaged_messages(caplog) -> list[str]:
 
 @pytest.mark.parametrize("damage", ["truncated_data", "garbage_index"])
 def test_fault_damaged_latest_checkpoint_falls_back(tmp_path, caplog, damage):
-    """newest checkpoint truncated (.data cut in half) or its .index garbage -> ERROR log naming its files; the resume continues from the newest intact one (its input position too)"""
+    """newest checkpoint truncated (.data cut in half) or its .index garbage -> ERROR log naming its files;
+    the resume continues from the newest intact one (its input position too)"""
     model_dir = trained_dir(tmp_path)
     latest = os.path.join(model_dir, "ckpt-6")
     if damage == "truncated_data":
@@ -119,7 +120,8 @@ def test_fault_damaged_latest_checkpoint_falls_back(tmp_path, caplog, damage):
 
 
 def test_fault_every_checkpoint_damaged(tmp_path, caplog):
-    """every checkpoint of the training directory damaged -> DamagedCheckpointError naming each; nothing is trained from scratch or rewritten"""
+    """every checkpoint of the training directory damaged -> DamagedCheckpointError naming each; nothing is
+    trained from scratch or rewritten"""
     model_dir = trained_dir(tmp_path)
     prefixes = [os.path.join(model_dir, f"ckpt-{s}") for s in (6, 4, 2)]
     for prefix in prefixes:
@@ -137,7 +139,8 @@ def test_fault_every_checkpoint_damaged(tmp_path, caplog):
 
 
 def test_fault_reader_of_a_damaged_checkpoint(tmp_path):
-    """evaluate / export / predict given a training directory whose newest checkpoint is truncated -> DamagedCheckpointError naming its files and the older intact ones"""
+    """evaluate / export / predict given a training directory whose newest checkpoint is truncated ->
+    DamagedCheckpointError naming its files and the older intact ones"""
     model_dir = trained_dir(tmp_path)
     latest = os.path.join(model_dir, "ckpt-6")
     truncate(latest + ".data-00000-of-00001")
@@ -155,7 +158,8 @@ def test_fault_reader_of_a_damaged_checkpoint(tmp_path):
 
 
 def test_fault_garbled_checkpoint_state_file(tmp_path, caplog):
-    """the training directory's 'checkpoint' state file garbled -> TensorFlow's WARNING naming it ("Checkpoint ignored"); the resume finds the newest ckpt-N.index itself"""
+    """the training directory's 'checkpoint' state file garbled -> TensorFlow's WARNING naming it
+    ("Checkpoint ignored"); the resume finds the newest ckpt-N.index itself"""
     model_dir = trained_dir(tmp_path)
     with open(os.path.join(model_dir, "checkpoint"), "w") as f:
         f.write("model_checkpoint_path: {{{ not a proto")
@@ -170,7 +174,8 @@ def test_fault_garbled_checkpoint_state_file(tmp_path, caplog):
 
 
 def test_fault_resume_keeps_the_input_order_under_mirrored(tmp_path):
-    """run stopped at step 4 and resumed to 8 over 2 mirrored CPUs, shuffled data -> weights equal to 8 steps straight (the input position is saved with the checkpoint)"""
+    """run stopped at step 4 and resumed to 8 over 2 mirrored CPUs, shuffled data -> weights equal to 8 steps
+    straight (the input position is saved with the checkpoint)"""
     strategy = distribute.make_strategy("mirrored")
     examples = tiny_examples(16, seed=4)
     cfg = train_config(train_steps=8, checkpoint_every=1000)
