@@ -321,6 +321,17 @@ class Trainer:
             PreemptionHook(),
         ]
 
+    def _check_step(self, step: int, losses: dict[str, float], votes: float) -> None:
+        """Stops on a stop vote of any worker; raises on a non-finite total_loss."""
+        if votes > 0:
+            reason = self._stop_vote or "a stop request from another worker"
+            self.request_stop(f"{reason}: saving at step {step} on every worker and stopping")
+        if not math.isfinite(losses["total_loss"]):
+            raise FloatingPointError(
+                f"non-finite total_loss at step {step}: {losses}. Stopped without saving; "
+                f"the last good checkpoint is {self.manager.latest_checkpoint}"
+            )
+
     def fit(self, dataset_fn: DatasetFn, hooks: list[Hook] | None = None) -> TrainResult:
         """Trains from the current step up to ``train_steps``.
 
@@ -350,16 +361,8 @@ class Trainer:
                     self.request_stop(f"the training dataset ended at step {step}; stopping")
                     break
                 losses, votes = self._train_step(batch, tf.constant(float(self._stop_vote is not None)))
-                losses = {k: float(v) for k, v in losses.items()}
-                step = self.current_step()
-                if float(votes) > 0:
-                    reason = self._stop_vote or "a stop request from another worker"
-                    self.request_stop(f"{reason}: saving at step {step} on every worker and stopping")
-                if not math.isfinite(losses["total_loss"]):
-                    raise FloatingPointError(
-                        f"non-finite total_loss at step {step}: {losses}. Stopped without saving; "
-                        f"the last good checkpoint is {self.manager.latest_checkpoint}"
-                    )
+                losses, step = {k: float(v) for k, v in losses.items()}, self.current_step()
+                self._check_step(step, losses, float(votes))
                 if t_first is None:  # the first step includes tracing / compiling
                     t_first, step_first = time.perf_counter(), step
                 for hook in hooks:
