@@ -8,7 +8,9 @@ pretrained weights in any of the supported formats.
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 
 import keras
 import tensorflow as tf
@@ -19,14 +21,100 @@ from fpn_tf.models.weights_keras_applications import check_h5_file, load_keras_a
 from fpn_tf.models.weights_torchvision import load_torchvision_backbone
 
 
+class DamagedCheckpointError(ValueError):
+    """A checkpoint whose files cannot be read (truncated, corrupt or missing a part)."""
+
+
+# What tf.train.Checkpoint.restore raises on unreadable files (measured, TF 2.21): a
+# truncated .data file IndexError ("Read less bytes than requested"); a garbage, empty
+# or cut .index and a missing .data file OpError; a flipped byte DataLossError
+# ("Checksum does not match"). A ValueError (shape mismatch) means "does not fit".
+READ_ERRORS = (tf.errors.OpError, IndexError)
+
+
+def checkpoint_files(prefix: str) -> list[str]:
+    """The files of checkpoint ``prefix``: its ``.index`` and ``.data-*`` shards."""
+    return sorted(tf.io.gfile.glob(prefix + ".index") + tf.io.gfile.glob(prefix + ".data-*"))
+
+
+def damaged_message(prefix: str, error: Exception) -> str:
+    """``prefix`` is damaged: its files with their sizes, and TensorFlow's reason."""
+    files = ", ".join(f"{f} ({tf.io.gfile.stat(f).length} bytes)" for f in checkpoint_files(prefix))
+    reason = getattr(error, "message", None) or str(error)
+    return f"checkpoint {prefix} is damaged (files: {files or 'none'}): {reason.strip()[:300]}"
+
+
+def checkpoint_candidates(directory: str) -> list[str]:
+    """The checkpoints of a training directory, newest (highest step) first.
+
+    Those the ``checkpoint`` state file lists plus any ``ckpt-N.index`` beside it,
+    so a damaged or missing state file does not hide the intact checkpoints.
+    """
+    prefixes = set()
+    try:
+        state = tf.train.get_checkpoint_state(directory)
+    except Exception as e:  # noqa: BLE001 - a garbled state file: parse errors of several kinds
+        logging.error(
+            "%s: the checkpoint state file cannot be read (%s); looking for ckpt-*.index", directory, e
+        )
+        state = None
+    if state is not None:
+        for path in state.all_model_checkpoint_paths:
+            path = path if os.path.isabs(path) else os.path.join(directory, path)
+            if tf.io.gfile.exists(path + ".index"):
+                prefixes.add(path)
+    prefixes.update(
+        p[: -len(".index")] for p in glob.glob(os.path.join(glob.escape(directory), "ckpt-*.index"))
+    )
+
+    def step(prefix: str) -> int:
+        match = re.search(r"-(\d+)$", prefix)
+        return int(match.group(1)) if match else -1
+
+    return sorted(prefixes, key=step, reverse=True)
+
+
+def restore_newest_intact(checkpoint: tf.train.Checkpoint, directory: str):
+    """Restores the newest readable checkpoint of ``directory`` into ``checkpoint``.
+
+    A damaged one is logged at ERROR with its files and skipped for the next older
+    one. Returns ``(prefix, load status, damaged prefixes)``; ``(None, None, [])``
+    for a directory without checkpoints. Raises DamagedCheckpointError naming
+    every checkpoint when none is readable (nothing is started from scratch).
+    """
+    damaged = []
+    for prefix in checkpoint_candidates(directory):
+        try:
+            status = checkpoint.restore(prefix)
+        except READ_ERRORS as e:
+            logging.error("%s; trying the next older checkpoint", damaged_message(prefix, e))
+            damaged.append(prefix)
+            continue
+        if damaged:
+            logging.warning(
+                "RESUMING FROM AN OLDER CHECKPOINT %s: the newer %s could not be read (see the errors above)",
+                prefix,
+                ", ".join(damaged),
+            )
+        return prefix, status, damaged
+    if damaged:
+        raise DamagedCheckpointError(
+            f"no intact checkpoint in {directory}: {', '.join(damaged)} are all damaged (see the errors "
+            "logged above). Move them away to start from scratch, or restore a backup."
+        )
+    return None, None, []
+
+
 def checkpoint_prefix(path: str) -> str:
     """A checkpoint prefix from a training directory (its latest), a prefix or a ``.index`` file."""
     prefix = path[: -len(".index")] if path.endswith(".index") else path
     if os.path.isdir(prefix):
-        found = tf.train.latest_checkpoint(prefix)
-        if found is None:
-            raise FileNotFoundError(f"{prefix} holds no TF checkpoint (no 'checkpoint' file)")
-        return found
+        found = checkpoint_candidates(prefix)
+        if not found:
+            raise FileNotFoundError(
+                f"{prefix} holds no TF checkpoint (no 'checkpoint' file, no ckpt-*.index)"
+            )
+        return found[0]
     if not tf.io.gfile.exists(prefix + ".index"):
         raise FileNotFoundError(f"{path} is neither a training directory nor a checkpoint prefix")
     return prefix
@@ -36,7 +124,8 @@ def restore_weights(model: keras.Model, prefix: str) -> None:
     """Reads ``model``'s variables from checkpoint ``prefix``; every variable must be found.
 
     Raises ValueError naming the variables a checkpoint cannot hold (not tracked by
-    the object graph) or, when the checkpoint does not fit, the mismatch.
+    the object graph) or, when the checkpoint does not fit, the mismatch;
+    DamagedCheckpointError naming the files when they cannot be read.
     """
     checkpoint = tf.train.Checkpoint(model=model)
     # A variable the checkpoint's object graph cannot reach is neither saved nor
@@ -50,7 +139,12 @@ def restore_weights(model: keras.Model, prefix: str) -> None:
             f"{' ...' if len(untracked) > 12 else ''} (sub-layers kept in a list or dict are not "
             "tracked by Keras 3 checkpoints; assign each to its own attribute)"
         )
-    status = checkpoint.restore(prefix).expect_partial()
+    try:
+        status = checkpoint.restore(prefix).expect_partial()
+    except READ_ERRORS as e:
+        older = [p for p in checkpoint_candidates(os.path.dirname(prefix) or ".") if p != prefix]
+        hint = f"; older checkpoints beside it: {', '.join(older)}" if older else ""
+        raise DamagedCheckpointError(damaged_message(prefix, e) + hint) from None
     try:
         status.assert_existing_objects_matched()
     except AssertionError as e:

@@ -28,9 +28,8 @@ Every row is a test that feeds the fault and asserts the outcome, that the error
 text names the key, file, annotation or element, and, where the user handed us
 files, that their hashes are unchanged afterwards.
 
-Not covered here (other parts of issue 15): a rerun with a changed config in an
-existing training directory, damaged checkpoints on resume, input order after a
-resume, and SIGTERM under MultiWorkerMirroredStrategy (the trainer's tests).
+Not covered here: a rerun with a changed config in an existing training
+directory (refused naming the keys; tests/test_experiment.py).
 """
 
 

@@ -61,6 +61,7 @@ def main(argv):
         distribute.configure_logical_cpus(FLAGS.num_cpu_devices)
     strategy = distribute.make_strategy(FLAGS.strategy, num_gpus=FLAGS.num_gpus, tpu_address=FLAGS.tpu)
 
+    from fpn_tf.checkpoints import DamagedCheckpointError
     from fpn_tf.config import ConfigError, load_config
     from fpn_tf.training.experiment import train
 
@@ -85,7 +86,7 @@ def main(argv):
     except ConfigError as e:
         logging.error("%s", e)
         return 2
-    except FloatingPointError as e:
+    except (FloatingPointError, DamagedCheckpointError) as e:
         logging.error("%s", e)
         return 1
     print(

@@ -437,4 +437,8 @@ def build_dataset(
     fn = make_preprocess_fn(input_config, training, seed=seed * 1009 + pipeline_id, padded_hw=padded_hw)
     ds = ds.enumerate().map(fn, num_parallel_calls=AUTOTUNE)
     ds = _batch(ds, per_replica, training, single_shape)
-    return ds.prefetch(AUTOTUNE), info
+    # The trainer saves the iterator's position with each checkpoint: the only stateful
+    # function here is the skipped-image log (``_report_skipped``), not part of the order.
+    options = tf.data.Options()
+    options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+    return ds.prefetch(AUTOTUNE).with_options(options), info

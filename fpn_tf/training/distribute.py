@@ -129,3 +129,29 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
         return False
     cluster = strategy.cluster_resolver.cluster_spec().as_dict()
     return "chief" not in cluster
+
+
+def input_context(strategy: tf.distribute.Strategy) -> tf.distribute.InputContext:
+    """This process's input pipeline, as ``distribute_datasets_from_function`` numbers them.
+
+    One pipeline per worker (the chief first, then the workers in order), each
+    feeding its local replicas.
+    """
+    local = local_replicas(strategy)
+    task_type, task_id = task_info(strategy)
+    pipeline_id = 0
+    if task_type == "worker":
+        pipeline_id = task_id + int("chief" in strategy.cluster_resolver.cluster_spec().as_dict())
+    return tf.distribute.InputContext(
+        num_input_pipelines=max(1, strategy.num_replicas_in_sync // local),
+        input_pipeline_id=pipeline_id,
+        num_replicas_in_sync=strategy.num_replicas_in_sync,
+    )
+
+
+def local_replicas(strategy: tf.distribute.Strategy) -> int:
+    """How many replicas this process runs (1 for the default strategy)."""
+    try:
+        return len(strategy.extended.worker_devices)
+    except RuntimeError:  # the default strategy has no worker_devices
+        return 1

@@ -99,7 +99,11 @@ class CheckpointHook(Hook):
 
 
 class PreemptionHook(Hook):
-    """SIGTERM: finish the step, checkpoint (the loop's final save), stop. Main thread only."""
+    """SIGTERM: vote to stop; after the next step every worker saves and stops. Main thread only.
+
+    The vote is all-reduced with that step (``Trainer.vote_stop``), so under
+    MultiWorkerMirroredStrategy a SIGTERM to one worker stops all at one step.
+    """
 
     def begin(self, trainer) -> None:
         self.signal: int | None = None
@@ -109,13 +113,10 @@ class PreemptionHook(Hook):
 
         def handler(signum, _frame):
             self.signal = signum
+            trainer.vote_stop(f"signal {signum}")
 
         previous = signal.signal(signal.SIGTERM, handler)
         self._restore = lambda: signal.signal(signal.SIGTERM, previous)
-
-    def after_step(self, trainer, step, losses) -> None:
-        if self.signal is not None:
-            trainer.request_stop(f"signal {self.signal}: saving at step {step} and stopping")
 
     def end(self, trainer) -> None:
         self._restore()

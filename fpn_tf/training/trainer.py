@@ -19,11 +19,24 @@ One training step, per replica (``strategy.run``):
 
 Losses are reduced with ``strategy.reduce(MEAN)`` for logging. State is
 ``tf.train.Checkpoint(model, optimizer, step)``: a restart with the same
-``model_dir`` resumes from the last checkpoint's step with the same weights,
-optimizer slots and LR schedule position (the input pipeline restarts; it is
-not part of the checkpoint). Logging, periodic checkpoints, SIGTERM and
-evaluation are hooks (``fpn_tf.training.hooks``); the experiment wiring (config
--> model, data, hooks) is ``fpn_tf.training.experiment``.
+``model_dir`` resumes from the newest readable checkpoint (a damaged newer one
+is logged at ERROR with its files and skipped) with the same weights, optimizer
+slots and LR schedule position, and the input continues its example order
+(``fpn_tf.training.input_state``: each pipeline's position is saved beside the
+checkpoint).
+
+Stopping on a signal is coordinated: every step all-reduces each worker's stop
+vote (1 after SIGTERM, see ``PreemptionHook``), so under MultiWorkerMirroredStrategy
+every worker sees a SIGTERM sent to any one of them after the same step, and
+all save that step's checkpoint together (a save is collective) and return.
+Why not ``tf.distribute.experimental.PreemptionCheckpointHandler``: it saves
+through its own CheckpointManager and exits the process itself, which would
+bypass the input position, the hooks and the caller; the vote costs one scalar
+all-reduce per step and behaves the same under every strategy.
+
+Logging, periodic checkpoints, SIGTERM and evaluation are hooks
+(``fpn_tf.training.hooks``); the experiment wiring (config -> model, data,
+hooks) is ``fpn_tf.training.experiment``.
 """
 
 from __future__ import annotations
@@ -39,10 +52,11 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from fpn_tf.checkpoints import load_init_checkpoint
+from fpn_tf.checkpoints import load_init_checkpoint, restore_newest_intact
 from fpn_tf.config import TrainConfig
 from fpn_tf.training import distribute
 from fpn_tf.training.hooks import CheckpointHook, Hook, LoggingHook, PreemptionHook
+from fpn_tf.training.input_state import InputState
 from fpn_tf.training.optimizer import (
     MIXED_PRECISION_POLICIES,
     build_optimizer,
@@ -117,7 +131,9 @@ class Trainer:
         self._replica_gradients = tf.function(self._replica_gradients_fn, jit_compile=self.xla)
         self._train_step = tf.function(self._train_step_fn)
         self._stop_reason: str | None = None
+        self._stop_vote: str | None = None  # this process's reason to stop (a signal)
         self.completed = False
+        self.input = InputState(self.strategy, model_dir)
 
     def _build(self, model_fn: Callable[[], keras.Model]) -> None:
         """Model, optimizer and step counter under the strategy and the precision policy."""
@@ -153,7 +169,7 @@ class Trainer:
         ]
 
     def _restore_or_init(self, init_checkpoint: str | None) -> None:
-        """Resumes from ``model_dir``'s latest checkpoint, else loads ``init_checkpoint``."""
+        """Resumes from ``model_dir``'s newest intact checkpoint, else loads ``init_checkpoint``."""
         model_dir, train_config = self.model_dir, self.config
         os.makedirs(model_dir, exist_ok=True)
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step)
@@ -164,10 +180,10 @@ class Trainer:
             max_to_keep=train_config.max_checkpoints_to_keep,
             step_counter=self.step,
         )
-        latest = tf.train.latest_checkpoint(model_dir)
+        latest, status, self.damaged_checkpoints = restore_newest_intact(self.checkpoint, model_dir)
         if latest:
             try:
-                self.checkpoint.restore(latest).assert_existing_objects_matched()
+                status.assert_existing_objects_matched()
             except AssertionError as e:
                 raise ValueError(
                     f"{latest} does not fit this model / optimizer (was model_dir trained with another "
@@ -200,12 +216,14 @@ class Trainer:
         statistics = [tf.convert_to_tensor(v.value) for v in self._moving_statistics]
         return losses, grads, statistics
 
-    def _train_step_fn(self, batch):
+    def _train_step_fn(self, batch, stop_vote):
         """One step on a distributed batch (taken from the iterator eagerly, outside
         this function: a ``next()`` that fails inside a tf.function has already run
-        the stateful ops that do not depend on the batch, e.g. the step counters)."""
+        the stateful ops that do not depend on the batch, e.g. the step counters).
 
-        def replica_step(batch):
+        Returns the replica-mean losses and the sum of every replica's ``stop_vote``."""
+
+        def replica_step(batch, stop_vote):
             losses, grads, statistics = self._replica_gradients(batch, self.step.read_value())
             present = [i for i, g in enumerate(grads) if g is not None]
             summed = tf.distribute.get_replica_context().all_reduce(
@@ -227,13 +245,19 @@ class Trainer:
             )
             self.optimizer.apply(grads, self._variables)
             self._average_moving_statistics(statistics)
-            return losses
+            # tf.identity: a copy on this replica's device (MirroredStrategy's all-reduce
+            # finds no destination for the input tensor itself)
+            votes = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, tf.identity(stop_vote)
+            )
+            return losses, votes
 
-        per_replica = self.strategy.run(replica_step, args=(batch,))
+        per_replica, votes = self.strategy.run(replica_step, args=(batch, stop_vote))
         self.step.assign_add(1)
-        return {
+        losses = {
             k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in per_replica.items()
         }
+        return losses, self.strategy.reduce(tf.distribute.ReduceOp.MEAN, votes, axis=None)
 
     def _average_moving_statistics(self, statistics: list[tf.Tensor]) -> None:
         """Sets trainable BatchNorms' moving mean / variance to their mean over replicas.
@@ -254,9 +278,13 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------
 
     def save(self) -> str:
-        """Writes a checkpoint at the current step; returns its path (chief's)."""
+        """Writes a checkpoint at the current step; returns its path (chief's).
+
+        The input position first: a model checkpoint that exists has its input state."""
         step = int(self.step.numpy())
+        self.input.save(step)
         path = self.manager.save(checkpoint_number=step)
+        self.input.prune({int(p.rsplit("-", 1)[1]) for p in self.manager.checkpoints})
         self._saved_step = step
         if not self.is_chief:
             shutil.rmtree(self._write_dir, ignore_errors=True)
@@ -272,6 +300,10 @@ class Trainer:
         """Asks the loop to stop after this step (it saves before returning)."""
         logging.warning("%s", reason)
         self._stop_reason = reason
+
+    def vote_stop(self, reason: str) -> None:
+        """Asks every worker to stop after the next step (e.g. on SIGTERM; signal-safe)."""
+        self._stop_vote = reason
 
     def current_step(self) -> int:
         return int(self.step.numpy())
@@ -289,6 +321,17 @@ class Trainer:
             PreemptionHook(),
         ]
 
+    def _check_step(self, step: int, losses: dict[str, float], votes: float) -> None:
+        """Stops on a stop vote of any worker; raises on a non-finite total_loss."""
+        if votes > 0:
+            reason = self._stop_vote or "a stop request from another worker"
+            self.request_stop(f"{reason}: saving at step {step} on every worker and stopping")
+        if not math.isfinite(losses["total_loss"]):
+            raise FloatingPointError(
+                f"non-finite total_loss at step {step}: {losses}. Stopped without saving; "
+                f"the last good checkpoint is {self.manager.latest_checkpoint}"
+            )
+
     def fit(self, dataset_fn: DatasetFn, hooks: list[Hook] | None = None) -> TrainResult:
         """Trains from the current step up to ``train_steps``.
 
@@ -305,25 +348,21 @@ class Trainer:
         if start >= self.train_steps:
             logging.info("step %d >= train_steps %d: nothing to train", start, self.train_steps)
             return TrainResult(start, {}, self.restored_from, 0.0)
-        iterator = iter(self.strategy.distribute_datasets_from_function(dataset_fn))
+        self.input.start(dataset_fn, start)
         step, losses, t_first, step_first = start, {}, None, start
-        self._stop_reason, self.completed = None, False
+        self._stop_reason, self._stop_vote, self.completed = None, None, False
         for hook in hooks:
             hook.begin(self)
         try:
             while step < self.train_steps and self._stop_reason is None:
                 try:
-                    batch = next(iterator)
+                    batch = self.input.next()
                 except StopIteration:
                     self.request_stop(f"the training dataset ended at step {step}; stopping")
                     break
-                losses = {k: float(v) for k, v in self._train_step(batch).items()}
-                step = self.current_step()
-                if not math.isfinite(losses["total_loss"]):
-                    raise FloatingPointError(
-                        f"non-finite total_loss at step {step}: {losses}. Stopped without saving; "
-                        f"the last good checkpoint is {self.manager.latest_checkpoint}"
-                    )
+                losses, votes = self._train_step(batch, tf.constant(float(self._stop_vote is not None)))
+                losses, step = {k: float(v) for k, v in losses.items()}, self.current_step()
+                self._check_step(step, losses, float(votes))
                 if t_first is None:  # the first step includes tracing / compiling
                     t_first, step_first = time.perf_counter(), step
                 for hook in hooks:
