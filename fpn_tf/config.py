@@ -134,6 +134,12 @@ class InputConfig:
     pixel_std: tuple[float, ...] = (58.395, 57.12, 57.375)
     max_gt_boxes: int = 100
     random_flip: bool = True
+    # M > 0: batches carry ``gt_masks`` uint8 [B, G, M, M], each GT instance mask
+    # sampled on an M x M grid over its box (fpn_tf/data/masks.py). 0: no masks
+    # (box-only models). Model Garden crops to 112; mask targets are then resampled
+    # from these into each RoI (fpn_tf/ops/mask_ops.py), so M only bounds how
+    # much detail survives, at G * M * M bytes per image.
+    mask_size: int = 0
 
 
 MODEL_TYPES = ("faster_rcnn",)  # fpn_tf.models.build.MODEL_TYPES maps each to its detector

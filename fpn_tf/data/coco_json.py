@@ -5,7 +5,10 @@ becomes an ``ImageRecord`` whose boxes are ``(y1, x1, y2, x2)`` float32 in
 original pixels, clipped to the image, with contiguous labels (``LabelMap``).
 Images without annotations are kept (background-only images train the RPN and
 the classifier's background class). Crowd boxes are not training targets; they
-are kept apart in ``crowd_boxes``.
+are kept apart in ``crowd_boxes`` (their masks are not read either: COCOeval
+treats crowd regions as "ignore", not as objects to segment).
+With ``with_masks`` each kept box also keeps its annotation's ``segmentation``
+(validated by ``masks.check_segmentation``; cropped per image in the pipeline).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from fpn_tf.data.label_map import LabelMap
+from fpn_tf.data.masks import check_segmentation
 
 _LOG = logging.getLogger(__name__)
 
@@ -31,6 +35,8 @@ class ImageRecord:
     boxes: float32 ``[n, 4]`` (y1, x1, y2, x2) original pixels, clipped, area > 0.
     labels: int32 ``[n]`` contiguous labels ``1..K``.
     crowd_boxes: float32 ``[m, 4]`` crowd regions, same format (not training targets).
+    segmentations: with masks, one checked ``segmentation`` per box (polygons or a
+      compressed RLE dict, see ``masks.check_segmentation``); None without.
     """
 
     image_id: int
@@ -40,6 +46,7 @@ class ImageRecord:
     boxes: np.ndarray
     labels: np.ndarray
     crowd_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    segmentations: list | None = None
 
 
 @dataclass
@@ -83,15 +90,19 @@ def _xywh_to_yxyx(bbox, where: str) -> np.ndarray:
 
 
 def records_from_coco(
-    coco: COCO, image_dir: str, check_files: bool = True
+    coco: COCO, image_dir: str, check_files: bool = True, with_masks: bool = False
 ) -> tuple[list[ImageRecord], LabelMap, CocoJsonStats]:
     """Converts a loaded ``COCO`` object to records (sorted by image id).
+
+    ``with_masks`` keeps (and checks) the ``segmentation`` of every kept box.
 
     Raises:
       FileNotFoundError: naming the first image file that does not exist
         (when ``check_files``).
       ValueError: a file name escaping ``image_dir``, an image without
         height/width, or an annotation whose category is not in ``categories``.
+      masks.SegmentationError (a ValueError): with masks, naming the annotation
+        whose segmentation is missing or malformed.
     """
     label_map = LabelMap.from_coco(coco)
     stats = CocoJsonStats()
@@ -108,7 +119,7 @@ def records_from_coco(
         path = resolve_image_path(image_dir, info["file_name"])
         if check_files and not os.path.isfile(path):
             raise FileNotFoundError(f"image file {info['file_name']!r} (image {image_id}) not found: {path}")
-        boxes, labels, crowd = [], [], []
+        boxes, labels, crowd, segmentations = [], [], [], []
         limit = np.asarray([height, width, height, width], np.float64)
         for ann in coco.imgToAnns.get(image_id, []):
             where = f"annotation {ann.get('id')} of image {image_id}"
@@ -126,6 +137,8 @@ def records_from_coco(
                 continue
             if not np.array_equal(clipped, box):
                 stats.num_clipped += 1
+            if with_masks:
+                segmentations.append(check_segmentation(ann.get("segmentation"), height, width, where))
             boxes.append(clipped)
             labels.append(label_map.label_of(ann["category_id"]))
         stats.num_images += 1
@@ -140,6 +153,7 @@ def records_from_coco(
                 boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
                 labels=np.asarray(labels, np.int32),
                 crowd_boxes=np.asarray(crowd, np.float32).reshape(-1, 4),
+                segmentations=segmentations if with_masks else None,
             )
         )
     if zero_area_ids:

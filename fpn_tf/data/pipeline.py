@@ -6,6 +6,8 @@ One batch::
     image_info  float32 [B, 6]        (orig_h, orig_w, valid_h, valid_w, scale_y, scale_x)
     gt_boxes    float32 [B, G, 4]     (y1, x1, y2, x2) input pixels; padded rows 0
     gt_classes  int32   [B, G]        labels 1..K; padded rows -1
+    gt_masks    uint8   [B, G, M, M]  only with input.mask_size M > 0: each GT mask
+                                      sampled over its box (data/masks.py); padded rows 0
     image_id    int64   [B]
 
 Images are padded to a FIXED size so a jitted step traces once per orientation:
@@ -35,6 +37,7 @@ from fpn_tf.config import DataConfig, InputConfig
 from fpn_tf.data import preprocess
 from fpn_tf.data.coco_json import ImageRecord, load_coco, records_from_coco
 from fpn_tf.data.label_map import LabelMap
+from fpn_tf.data.masks import crop_masks
 from fpn_tf.data.synthetic import default_synthetic_dir, write_synthetic_coco
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -105,9 +108,10 @@ def _coco_json_source(data: DataConfig, split: str) -> tuple[str, str]:
 
 
 def records_dataset(records: list[ImageRecord]) -> tf.data.Dataset:
-    """Records -> dataset of ``{"path", "image_id", "hw", "boxes" [n, 4], "classes" [n]}``.
+    """Records -> dataset of ``{"path", "image_id", "hw", "boxes" [n, 4], "classes" [n], "record_index"}``.
 
-    Boxes are (y1, x1, y2, x2) original pixels; "hw" is the annotated image size.
+    Boxes are (y1, x1, y2, x2) original pixels; "hw" is the annotated image size;
+    "record_index" is the position in ``records`` (``mask_fn`` looks masks up by it).
     """
     lengths = [len(r.labels) for r in records]
     boxes = np.concatenate([r.boxes.reshape(-1, 4) for r in records] or [np.zeros((0, 4))]).astype(np.float32)
@@ -119,8 +123,31 @@ def records_dataset(records: list[ImageRecord]) -> tf.data.Dataset:
             "hw": tf.constant([[r.height, r.width] for r in records], tf.int32),
             "boxes": tf.RaggedTensor.from_row_lengths(boxes, lengths),
             "classes": tf.RaggedTensor.from_row_lengths(classes, lengths),
+            "record_index": tf.range(len(records), dtype=tf.int64),
         }
     )
+
+
+def mask_fn(records: list[ImageRecord], mask_size: int, max_boxes: int) -> Callable[[dict], dict]:
+    """``fn(element) -> {"masks": uint8 [min(n, G), M, M]}`` for a ``records_dataset`` element.
+
+    The segmentations stay in the Python ``records`` (no copy in the graph); a
+    ``tf.numpy_function`` crops the first G of one image, one instance at a time
+    (``masks.crop_masks``), so no full-image mask of every instance ever exists.
+    """
+    if any(r.segmentations is None for r in records):
+        raise ValueError("mask_fn needs records loaded with masks (records_from_coco(..., with_masks=True))")
+
+    def crop(index):
+        r = records[int(index)]
+        return crop_masks(r.segmentations[:max_boxes], r.boxes[:max_boxes], mask_size)
+
+    def fn(element):
+        masks = tf.numpy_function(crop, [element["record_index"]], tf.uint8, stateful=False)
+        masks.set_shape([None, mask_size, mask_size])
+        return {"masks": masks}
+
+    return fn
 
 
 def _dense(t):
@@ -152,7 +179,9 @@ def make_preprocess_fn(
     """``fn(index, element) -> one example of the batch dict`` (no batch dimension).
 
     ``element``: ``{"image" uint8 [h, w, 3], "image_id", "boxes" [n, 4] original
-    pixels, "classes" [n]}``. In training the image is flipped left-right with
+    pixels, "classes" [n]}`` and, with masks, ``"masks"`` uint8 [n, M, M] relative
+    to the boxes (they follow the flip; resize and padding leave them as they
+    are). In training the image is flipped left-right with
     probability 1/2 (``input_config.random_flip``), decided by a stateless
     random draw seeded with ``(seed, index)``: reproducible runs.
     ``padded_hw`` maps portrait (h > w) -> the padded (H, W); default
@@ -168,6 +197,7 @@ def make_preprocess_fn(
             element["image"], input_config.min_size, input_config.max_size
         )
         boxes = preprocess.clip_boxes(preprocess.resize_boxes(element["boxes"], info[4:6]), info[2:4])
+        masks = element.get("masks")
         if training and input_config.random_flip:
             flip = tf.random.stateless_uniform([], seed=tf.stack([tf.cast(seed, tf.int64), index])) < 0.5
             resized, boxes = tf.cond(
@@ -175,17 +205,22 @@ def make_preprocess_fn(
                 lambda: preprocess.flip_left_right(resized, boxes, info[3]),
                 lambda: (resized, boxes),
             )
+            if masks is not None:
+                masks = tf.cond(flip, lambda: preprocess.flip_masks_left_right(masks), lambda: masks)
         target = static_hw or tf.where(
             info[0] > info[1], tf.constant(padded_hw[True]), tf.constant(padded_hw[False])
         )
         gt_boxes, gt_classes = preprocess.pad_gt(boxes, element["classes"], input_config.max_gt_boxes)
-        return {
+        out = {
             "images": preprocess.pad_image(resized, target),
             "image_info": info,
             "gt_boxes": gt_boxes,
             "gt_classes": gt_classes,
             "image_id": tf.cast(element["image_id"], tf.int64),
         }
+        if masks is not None:
+            out["gt_masks"] = preprocess.pad_gt_masks(masks, input_config.max_gt_boxes)
+        return out
 
     return fn
 
@@ -253,12 +288,16 @@ def build_dataset(
     if per_replica < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pipeline_id = input_context.input_pipeline_id if input_context else 0
+    with_masks = input_config.mask_size > 0
+    masks_of = None
 
     if data.source == "tfds":
         import tensorflow_datasets as tfds  # slow to import; only this source needs it
 
-        from fpn_tf.data.tfds_coco import load_tfds_coco, tfds_coco_ground_truth
+        from fpn_tf.data.tfds_coco import check_tfds_masks, load_tfds_coco, tfds_coco_ground_truth
 
+        if with_masks:
+            check_tfds_masks(data.tfds_name, data.tfds_data_dir or None)
         tfds_split = data.train_split if split == "train" else data.eval_split
         read_config = tfds.ReadConfig(input_context=input_context, shuffle_seed=seed)
         ds, label_map, num_examples = load_tfds_coco(
@@ -280,9 +319,11 @@ def build_dataset(
     else:
         image_dir, annotation_path = _coco_json_source(data, split)
         coco = load_coco(annotation_path)
-        records, label_map, _stats = records_from_coco(coco, image_dir)
+        records, label_map, _stats = records_from_coco(coco, image_dir, with_masks=with_masks)
         if not records:
             raise ValueError(f"{annotation_path} lists no images")
+        if with_masks:
+            masks_of = mask_fn(records, input_config.mask_size, input_config.max_gt_boxes)
         padded_hw = records_padded_hw(records, input_config)
         ds = records_dataset(records)
         if input_context and input_context.num_input_pipelines > 1:
@@ -300,7 +341,9 @@ def build_dataset(
 
     if training:
         ds = ds.shuffle(max(data.shuffle_buffer, 1), seed=seed, reshuffle_each_iteration=True).repeat()
-    if data.source != "tfds":
+    if masks_of is not None:
+        ds = ds.map(lambda e: {**_read_image(e), **masks_of(e)}, num_parallel_calls=AUTOTUNE)
+    elif data.source != "tfds":
         ds = ds.map(_read_image, num_parallel_calls=AUTOTUNE)
     fn = make_preprocess_fn(input_config, training, seed=seed * 1009 + pipeline_id, padded_hw=padded_hw)
     ds = ds.enumerate().map(fn, num_parallel_calls=AUTOTUNE)

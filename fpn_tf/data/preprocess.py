@@ -189,6 +189,25 @@ def flip_left_right(
     return image, boxes
 
 
+def flip_masks_left_right(masks: tf.Tensor) -> tf.Tensor:
+    """Mirrors box-relative masks ``[n, M, M]`` to follow ``flip_left_right`` of their boxes.
+
+    A box-relative mask spans its box, so flipping the box (``x1' = w - x2``)
+    and reversing the mask's columns is the whole flip.
+    """
+    return tf.reverse(masks, axis=[-1])
+
+
+def pad_gt_masks(masks: tf.Tensor, max_boxes: int) -> tf.Tensor:
+    """Pads / truncates box-relative masks ``[n, M, M]`` to ``[G, M, M]`` (padded rows 0), like ``pad_gt``."""
+    masks = tf.convert_to_tensor(masks)
+    side = masks.shape[-1]
+    masks = masks[:max_boxes]
+    out = tf.pad(masks, [[0, max_boxes - tf.shape(masks)[0]], [0, 0], [0, 0]])
+    out.set_shape([max_boxes, side, side])
+    return out
+
+
 _TRUNCATION_WARNED = threading.Event()
 
 

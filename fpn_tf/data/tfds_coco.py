@@ -5,6 +5,13 @@ in COCO's category order; they become ``(y1, x1, y2, x2)`` original pixels and
 contiguous labels ``1..80`` (``label + 1``), whose ``LabelMap`` holds COCO's real
 category ids (1..90 with gaps). Crowd boxes and boxes without area are dropped.
 
+No instance masks: tfds ``coco/2017`` (and ``coco/2014``) stores per object only
+``bbox``, ``label``, ``area``, ``id`` and ``is_crowd``, no ``segmentation`` (the
+panoptic ``coco/2017_panoptic`` has a different label set of 133 things + stuff).
+A mask model (``input.mask_size > 0``) pointed at tfds stops in
+``check_tfds_masks`` with that explanation; instance masks come from
+``data.source: coco_json`` (the COCO instances JSON) or the synthetic shapes.
+
 Downloads are off by default: tfds retries for minutes when it may download
 without a network, while a missing dataset with ``download=False`` fails at once.
 """
@@ -55,6 +62,26 @@ def _not_prepared_message(name: str, split: str, data_dir: str | None, error: Ex
         f"`tfds build {name} --data_dir {data_dir or '<dir>'}` (the COCO zips can be placed in "
         f"<dir>/downloads/manual), or pass download=True (data.tfds_download: true), or point "
         f"data.source: coco_json at a folder of COCO images and an instances JSON. ({error})"
+    )
+
+
+def check_tfds_masks(name: str = "coco/2017", data_dir: str | None = None) -> None:
+    """Raises: ValueError, always, explaining that the tfds dataset ``name`` gives no instance masks here.
+
+    Reads only the feature spec (works offline), so the message lists what the
+    dataset does carry per object.
+    """
+    try:
+        features = tfds.builder(name, data_dir=data_dir or None).info.features
+        objects = features["objects"] if "objects" in features else {}
+        carried = sorted(objects.keys()) if hasattr(objects, "keys") else []
+    except Exception as e:  # any failure to read the spec still ends in the same advice
+        carried = [f"<feature spec unavailable: {e}>"]
+    raise ValueError(
+        f"input.mask_size > 0 asks for instance masks, but tfds {name!r} has none: its objects carry "
+        f"{carried} (no segmentation; fpn_tf reads masks only from COCO JSON). Use data.source: coco_json "
+        f"with the COCO images and instances_*.json (polygons / RLE), or data.source: synthetic, "
+        f"or set input.mask_size: 0 for a box-only model."
     )
 
 
