@@ -85,7 +85,7 @@ class MaskRCNN(FasterRCNN):
         self.class_masks = ClassMasks(dtype="float32", name="class_masks")
 
     def forward(self, images, image_info, training=False, targets=None, step=None) -> dict:
-        """``FasterRCNN.forward``; with targets also "mask_logits" [B, S+, M, M, K] of the first S+ samples."""
+        """``FasterRCNN.forward``; with targets also "mask_logits" [B, S+, M, M, K] (first S+ samples)."""
         raw = super().forward(images, image_info, training=training, targets=targets, step=step)
         if targets is not None:
             rois = raw["samples"]["rois"][:, : mask_rois_per_image(self.config)]
