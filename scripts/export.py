@@ -24,6 +24,13 @@ flags.DEFINE_multi_string("override", [], "Config overrides key.path=value, e.g.
 flags.DEFINE_string("export_dir", "saved_models", "Base directory: writes <export_dir>/<name>/<version>/.")
 flags.DEFINE_string("name", "fpn_faster_rcnn", "Model name (TF Serving's MODEL_NAME).")
 flags.DEFINE_integer("version", None, "Version number; default: one more than the highest existing.")
+flags.DEFINE_bool(
+    "full_image_masks",
+    False,
+    "Mask models: also serve detection_masks_image, uint8 binary masks at the original size "
+    "(images over --full_image_max_pixels are refused).",
+)
+flags.DEFINE_integer("full_image_max_pixels", 1024 * 1024, "Cap on original h * w for detection_masks_image.")
 flags.DEFINE_string("label_map", None, "Label map JSON (default: <model_dir>/label_map.json, else identity).")
 
 
@@ -45,7 +52,13 @@ def main(argv):
         )
     built = time.perf_counter()
     path = saved_model.export_saved_model(
-        model, FLAGS.export_dir, FLAGS.name, version=FLAGS.version, label_map=label_map
+        model,
+        FLAGS.export_dir,
+        FLAGS.name,
+        version=FLAGS.version,
+        label_map=label_map,
+        full_image_masks=FLAGS.full_image_masks,
+        full_image_max_pixels=FLAGS.full_image_max_pixels,
     )
     done = time.perf_counter()
     print(f"exported {path} (build/restore {built - start:.1f} s, export {done - built:.1f} s)")

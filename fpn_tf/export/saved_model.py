@@ -30,7 +30,7 @@ import tensorflow as tf
 from fpn_tf.checkpoints import restore_model  # noqa: F401  (re-exported for the scripts)
 from fpn_tf.config import ExperimentConfig, ModelConfig, from_dict, load_config, to_dict
 from fpn_tf.data.label_map import LabelMap
-from fpn_tf.export.serving import DetectionModule
+from fpn_tf.export.serving import FULL_IMAGE_MAX_PIXELS, DetectionModule
 
 LABEL_MAP_ASSET = "label_map.json"
 MODEL_CONFIG_ASSET = "model_config.json"
@@ -69,6 +69,8 @@ def export_saved_model(
     name: str,
     version: int | None = None,
     label_map: LabelMap | None = None,
+    full_image_masks: bool = False,
+    full_image_max_pixels: int = FULL_IMAGE_MAX_PIXELS,
 ) -> str:
     """Exports a FasterRCNN as ``<export_dir_base>/<name>/<version>/`` for TF Serving.
 
@@ -80,6 +82,10 @@ def export_saved_model(
         version (1 for the first export).
       label_map: maps the model's labels to the dataset's category ids and names;
         None = identity (category id = label, names ``class_<id>``).
+      full_image_masks: a mask model's signatures also return
+        ``detection_masks_image`` (binary masks in original pixels; images over
+        ``full_image_max_pixels`` original pixels are refused, see
+        ``fpn_tf.export.serving``). Box-relative ``detection_masks`` are always served.
 
     Returns:
       The path of the written version directory.
@@ -100,7 +106,9 @@ def export_saved_model(
     if os.path.exists(path):
         raise FileExistsError(f"{path} already exists; choose another --version or remove it")
 
-    module = DetectionModule(model, label_map)
+    module = DetectionModule(
+        model, label_map, full_image_masks=full_image_masks, full_image_max_pixels=full_image_max_pixels
+    )
     label_map = module.label_map
     tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir)
     try:
