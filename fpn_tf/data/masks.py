@@ -154,9 +154,12 @@ def _rle_in_box(rle: dict, box, size: int) -> np.ndarray:
     y1, x1, y2, x2 = (float(v) for v in box)
     ylo, yhi, fy = _bilinear_taps(_grid(y1, y2, size), h)
     xlo, xhi, fx = _bilinear_taps(_grid(x1, x2, size), w)
-    f = full.astype(np.float32)
-    top = f[ylo][:, xlo] * (1 - fx) + f[ylo][:, xhi] * fx
-    bottom = f[yhi][:, xlo] * (1 - fx) + f[yhi][:, xhi] * fx
+
+    def tap(rows, cols):  # gathers [M, M] from the uint8 raster; no float copy of the full image
+        return full[np.ix_(rows, cols)].astype(np.float32)
+
+    top = tap(ylo, xlo) * (1 - fx) + tap(ylo, xhi) * fx
+    bottom = tap(yhi, xlo) * (1 - fx) + tap(yhi, xhi) * fx
     value = top * (1 - fy[:, None]) + bottom * fy[:, None]
     return (value >= 0.5).astype(np.uint8)
 

@@ -288,6 +288,8 @@ def build_dataset(
     if per_replica < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pipeline_id = input_context.input_pipeline_id if input_context else 0
+    if not isinstance(input_config.mask_size, int) or input_config.mask_size < 0:
+        raise ValueError(f"input.mask_size must be an int >= 0 (0: no masks), got {input_config.mask_size!r}")
     with_masks = input_config.mask_size > 0
     masks_of = None
 
