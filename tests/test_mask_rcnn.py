@@ -316,3 +316,66 @@ def test_saved_model_masks_match_torchvision(mask_parity):
     )
     assert len(ious) >= 0.98 * len(their_boxes)
     assert np.mean(prob_diffs) <= 1e-3 and np.min(ious) >= 0.99
+
+
+# ------------------------------------------------------------------ learning
+def _segm_coco_gt(batch: dict, full_masks: np.ndarray) -> dict:
+    from fpn_tf.evaluation.coco_evaluator import mask_to_rle
+
+    size = batch["images"].shape[1]
+    images, annotations = [], []
+    for i, image_id in enumerate(batch["image_id"]):
+        images.append({"id": int(image_id), "height": size, "width": size})
+        for j, label in enumerate(batch["gt_classes"][i]):
+            if label <= 0:
+                continue
+            y1, x1, y2, x2 = (float(v) for v in batch["gt_boxes"][i, j])
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": int(image_id), "category_id": int(label),
+                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": float(full_masks[i, j].sum()), "iscrowd": 0,
+                "segmentation": mask_to_rle(full_masks[i, j]),
+            })  # fmt: skip
+    return {"images": images, "annotations": annotations, "categories": [{"id": k} for k in (1, 2, 3)]}
+
+
+@pytest.mark.slow
+def test_overfits_twenty_shape_images_to_high_segm_ap50():
+    from fpn_tf.evaluation.coco_evaluator import detections_to_coco, evaluate_detections
+
+    keras.utils.set_random_seed(0)
+    model = build_mask_rcnn(config=tiny_mask_config())
+    tensors, full_masks = _tiny_batch(20, seed=0)
+    optimizer = keras.optimizers.Adam(learning_rate=2e-3)
+    variables = model.trainable_variables
+
+    @tf.function
+    def step(b, i):
+        with tf.GradientTape() as tape:
+            losses = model.compute_losses(b, training=True, step=i)
+        grads = tape.gradient(losses["total_loss"], variables)
+        grads, _ = tf.clip_by_global_norm(grads, 10.0)
+        optimizer.apply_gradients(zip(grads, variables))
+        return losses["mask_loss"]
+
+    batch_size, first, last = 4, [], []
+    for i in range(400):
+        start = (i * batch_size) % 20
+        b = {k: v[start : start + batch_size] for k, v in tensors.items()}
+        loss = float(step(b, tf.constant(i)))
+        (first if i < 20 else last).append(loss)
+    print(f"\nmask loss: first 20 steps {np.mean(first):.3f}, last 20 {np.mean(last[-20:]):.3f}")
+    assert np.mean(last[-20:]) < 0.5 * np.mean(first)
+    out = {
+        k: _np(v)
+        for k, v in model({"images": tensors["images"], "image_info": tensors["image_info"]}).items()
+    }
+    batch = {k: _np(v) for k, v in tensors.items()}
+    dets = detections_to_coco(
+        batch["image_id"], out["detection_boxes"], out["detection_scores"], out["detection_classes"],
+        out["num_detections"], masks=out["detection_masks"], image_hw=batch["image_info"][:, :2],
+    )  # fmt: skip
+    gt = _segm_coco_gt(batch, full_masks)
+    box = evaluate_detections(gt, dets, iou_type="bbox")
+    segm = evaluate_detections(gt, dets, iou_type="segm")
+    print(f"box AP50 {box['AP50']:.3f}, segm AP50 {segm['AP50']:.3f}, segm AP {segm['AP']:.3f}")
+    assert segm["AP50"] >= 0.9
