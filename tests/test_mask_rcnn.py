@@ -445,3 +445,38 @@ def test_predict_script_writes_rle_masks_and_overlays(tmp_path):
     filled = np.any(np.stack(decoded), axis=0)
     assert drawn.shape == (100, 120, 3)
     assert np.abs(drawn[filled].astype(int) - image[filled]).mean() > 5  # masks tinted the pixels
+
+
+@pytest.mark.slow
+def test_train_then_evaluate_mask_rcnn_reports_segm_ap(tmp_path):
+    """train() on synthetic shapes with masks (the real pipeline), then evaluate() and the SavedModel."""
+    from fpn_tf.config import DataConfig, EvalConfig, ExperimentConfig, TrainConfig
+    from fpn_tf.data.label_map import LabelMap
+    from fpn_tf.evaluation.evaluate import evaluate, restore_model, run_config
+    from fpn_tf.export.saved_model import export_saved_model
+    from fpn_tf.training.experiment import train
+
+    model = tiny_mask_config(image_size=64)
+    model = dataclasses.replace(
+        model, input=dataclasses.replace(model.input, random_flip=False, mask_size=28)
+    )
+    data = DataConfig(
+        source="synthetic", train_dir=str(tmp_path / "train"), eval_dir=str(tmp_path / "eval"),
+        synthetic_num_train=8, synthetic_num_eval=4, synthetic_image_size=64, synthetic_num_classes=3,
+    )  # fmt: skip
+    train_cfg = TrainConfig(batch_size=2, train_steps=3, base_learning_rate=0.01, warmup_steps=1,
+                            checkpoint_every=3, log_every=1)  # fmt: skip
+    config = ExperimentConfig(model=model, data=data, train=train_cfg, eval=EvalConfig(batch_size=2))
+    model_dir = str(tmp_path / "run")
+    result = train(config, model_dir, xla=False)
+    assert "mask_loss" in result.losses and np.isfinite(result.losses["mask_loss"])
+    metrics = evaluate(run_config(model_dir), model_dir=model_dir)
+    for key in ("AP", "AP50", "segm_AP", "segm_AP50", "segm_AP75", "segm_APs", "segm_APm", "segm_APl"):
+        assert -1.0 <= metrics[key] <= 1.0, key
+    label_map = LabelMap.from_json(open(os.path.join(model_dir, "label_map.json"), encoding="utf-8").read())
+    export_saved_model(
+        restore_model(config, result.checkpoint), str(tmp_path / "export"), "t", label_map=label_map
+    )
+    served = evaluate(config, saved_model=str(tmp_path / "export" / "t"))
+    for key in ("AP", "segm_AP", "segm_AP50"):
+        assert served[key] == pytest.approx(metrics[key], abs=1e-6), key
