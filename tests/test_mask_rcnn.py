@@ -214,35 +214,37 @@ def test_masks_survive_saved_model_in_a_fresh_process(tmp_path):
 
 
 # ------------------------------------------------------------------ parity with torchvision
-MASK_TORCH_SCRIPT = (
-    TORCH_SCRIPT.replace("fasterrcnn_resnet50_fpn(", "maskrcnn_resnet50_fpn(")
-    .replace(
-        '    out.update({f"det_{k}": v.numpy() for k, v in detections.items()})\n',
-        textwrap.dedent(
-            """
-        masks = detections.pop("masks")[:, 0].numpy()  # pasted probabilities [N, h, w]
-        out.update({f"det_{k}": v.numpy() for k, v in detections.items()})
-        crops, table = [], []
-        for m in masks:  # each mask's nonzero bounding region only (the full stack is ~400 MB)
-            ys, xs = np.nonzero(m)
-            if not len(ys):
-                table.append([0, 0, 0, 0])
-                continue
-            y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-            crops.append(m[y0:y1, x0:x1].ravel())
-            table.append([y0, x0, y1 - y0, x1 - x0])
-        out["det_mask_crops"] = np.concatenate(crops) if crops else np.zeros(0, np.float32)
-        out["det_mask_table"] = np.asarray(table, np.int64).reshape(-1, 4)
-        """
-        ),
-    )
-    .replace(
-        "        torch.nn.init.normal_(model.rpn.head.bbox_pred.weight, std=0.005, generator=gen)\n",
-        "        torch.nn.init.normal_(model.rpn.head.bbox_pred.weight, std=0.005, generator=gen)\n"
-        "        # mask logits spread over a few units (not all ~0.5 probabilities)\n"
-        "        logits = model.roi_heads.mask_predictor.mask_fcn_logits.weight\n"
-        "        torch.nn.init.normal_(logits, std=0.05, generator=gen)\n",
-    )
+def _replaced(text: str, old: str, new: str) -> str:
+    assert old in text, f"the Faster R-CNN parity script changed: {old!r} not found"
+    return text.replace(old, new)
+
+
+_TORCH_MASKS = """
+masks = detections.pop("masks")[:, 0].numpy()  # pasted probabilities [N, h, w]
+out.update({f"det_{k}": v.numpy() for k, v in detections.items()})
+crops, table = [], []
+for m in masks:  # each mask's nonzero bounding region only (the full stack is ~400 MB)
+    ys, xs = np.nonzero(m)
+    if not len(ys):
+        table.append([0, 0, 0, 0])
+        continue
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    crops.append(m[y0:y1, x0:x1].ravel())
+    table.append([y0, x0, y1 - y0, x1 - x0])
+out["det_mask_crops"] = np.concatenate(crops) if crops else np.zeros(0, np.float32)
+out["det_mask_table"] = np.asarray(table, np.int64).reshape(-1, 4)
+"""
+_RPN_INIT = "    torch.nn.init.normal_(model.rpn.head.bbox_pred.weight, std=0.005, generator=gen)\n"
+MASK_TORCH_SCRIPT = _replaced(
+    _replaced(
+        _replaced(TORCH_SCRIPT, "fasterrcnn_resnet50_fpn(", "maskrcnn_resnet50_fpn("),
+        'out.update({f"det_{k}": v.numpy() for k, v in detections.items()})\n',
+        _TORCH_MASKS,
+    ),
+    _RPN_INIT,
+    # mask logits spread over a few units (not all ~0.5 probabilities)
+    _RPN_INIT + "    torch.nn.init.normal_(model.roi_heads.mask_predictor.mask_fcn_logits.weight, std=0.05, "
+    "generator=gen)\n",
 )
 
 
