@@ -201,7 +201,7 @@ def describe(outputs: dict, files: list[str], names: dict[int, str], min_score: 
 
 
 def mask_summary(outputs: dict, i: int, j: int) -> str:
-    """", mask …" for detection j of image i of a mask model, else ""."""
+    """ ", mask …" for detection j of image i of a mask model, else ""."""
     if "detection_masks_image" in outputs:
         area = int(np.count_nonzero(np.asarray(outputs["detection_masks_image"][i][j])))
         return f", mask {area} px"
