@@ -2,6 +2,7 @@
 
 Entry points:
   fpn_tf.build_faster_rcnn(num_classes=91, backbone="resnet50", ...)  # detector
+  fpn_tf.build_mask_rcnn(num_classes=91, ...)                        # + instance masks
   fpn_tf.build_fpn_backbone(backbone_config, fpn_config)             # image -> {"P2".."P6"}
 
 Attributes resolve lazily so that ``import fpn_tf.config`` does not load TensorFlow.
@@ -15,6 +16,8 @@ _EXPORTS = {
     "load_config": "fpn_tf.config",
     "FasterRCNN": "fpn_tf.models.faster_rcnn",
     "build_faster_rcnn": "fpn_tf.models.faster_rcnn",
+    "MaskRCNN": "fpn_tf.models.mask_rcnn",
+    "build_mask_rcnn": "fpn_tf.models.mask_rcnn",
     "build_fpn_backbone": "fpn_tf.models.fpn_backbone",
 }
 

@@ -143,7 +143,21 @@ class InputConfig:
     mask_size: int = 0
 
 
-MODEL_TYPES = ("faster_rcnn",)  # fpn_tf.models.build.MODEL_TYPES maps each to its detector
+@dataclass
+class MaskHeadConfig:
+    """The Mask R-CNN mask branch (He et al. 2017; torchvision / Detectron2 layout)."""
+
+    pooler_resolution: int = 14  # mask RoIAlign side, P2..P5 by eq. (1) as the box branch
+    sampling_ratio: int = 2
+    num_convs: int = 4  # 3x3 convs before the 2x2 stride-2 transposed conv
+    conv_channels: int = 256
+    # Training pools masks for the first ``positive_fraction * roi_head.batch_size_per_image``
+    # sampled RoIs (positives come first): a fixed-size subset for static shapes that
+    # holds every sampled positive (the sampler never takes more).
+    loss_weight: float = 1.0
+
+
+MODEL_TYPES = ("faster_rcnn", "mask_rcnn")  # fpn_tf.models.build.MODEL_TYPES maps each to its detector
 
 
 @dataclass
@@ -163,6 +177,7 @@ class ModelConfig:
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi_head: RoIHeadConfig = field(default_factory=RoIHeadConfig)
     input: InputConfig = field(default_factory=InputConfig)
+    mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)  # model.type mask_rcnn only
     rpn_only: bool = False  # Table 1 experiments: train and evaluate proposals only
     # "mixed_bfloat16": backbone, FPN, RPN and box-head convs / fcs compute in bfloat16
     # (oneDNN AVX512-BF16 / AMX kernels on CPU); weights stay float32, so float32

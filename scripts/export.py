@@ -29,6 +29,13 @@ flags.DEFINE_integer(
     50_000_000,
     "Largest height x width a request's image may have (checked before decoding).",
 )
+flags.DEFINE_bool(
+    "full_image_masks",
+    False,
+    "Mask models: also serve detection_masks_image, uint8 binary masks at the original size "
+    "(images over --full_image_max_pixels are refused).",
+)
+flags.DEFINE_integer("full_image_max_pixels", 1024 * 1024, "Cap on original h * w for detection_masks_image.")
 flags.DEFINE_string("label_map", None, "Label map JSON (default: <model_dir>/label_map.json, else identity).")
 
 
@@ -56,6 +63,8 @@ def main(argv):
         version=FLAGS.version,
         label_map=label_map,
         max_image_pixels=FLAGS.max_image_pixels,
+        full_image_masks=FLAGS.full_image_masks,
+        full_image_max_pixels=FLAGS.full_image_max_pixels,
     )
     done = time.perf_counter()
     print(f"exported {path} (build/restore {built - start:.1f} s, export {done - built:.1f} s)")

@@ -1,4 +1,7 @@
-"""Imports a torchvision Faster R-CNN + FPN checkpoint as an fpn_tf training directory.
+"""Imports a torchvision Faster R-CNN or Mask R-CNN + FPN checkpoint as an fpn_tf training directory.
+
+A state dict with ``roi_heads.mask_*`` keys (``maskrcnn_resnet50_fpn``) becomes a
+``model.type: mask_rcnn`` model (``fpn_tf.models.weights_torchvision_mask``).
 
     python scripts/import_torchvision.py \
         --weights fasterrcnn_resnet50_fpn_coco-258fb6c6.pth --model_dir runs/torchvision_v1
@@ -68,13 +71,18 @@ def main(argv):
 
     from fpn_tf.config import ConfigError, to_dict
     from fpn_tf.data.label_map import LabelMap
-    from fpn_tf.models.faster_rcnn import build_faster_rcnn
+    from fpn_tf.models.build import build_model
     from fpn_tf.models.presets import torchvision_coco_label_map
     from fpn_tf.models.weights_torchvision import (
         WeightImportError,
         infer_torchvision_config,
         load_torchvision_state_dict,
         read_state_dict,
+    )
+    from fpn_tf.models.weights_torchvision_mask import (
+        infer_torchvision_mask_config,
+        is_mask_state_dict,
+        load_torchvision_mask_state_dict,
     )
 
     start = time.perf_counter()
@@ -83,9 +91,14 @@ def main(argv):
         return 2
     try:
         state = read_state_dict(FLAGS.weights)
-        config = experiment_config(infer_torchvision_config(state), FLAGS.override)
-        model = build_faster_rcnn(config=config.model)
-        result = load_torchvision_state_dict(model, state)
+        if is_mask_state_dict(state):
+            config = experiment_config(infer_torchvision_mask_config(state), FLAGS.override)
+            model = build_model(config.model)
+            result = load_torchvision_mask_state_dict(model, state)
+        else:
+            config = experiment_config(infer_torchvision_config(state), FLAGS.override)
+            model = build_model(config.model)
+            result = load_torchvision_state_dict(model, state)
     except (WeightImportError, ConfigError, FileNotFoundError, ValueError) as e:
         logging.error("%s", e)
         return 2
@@ -119,7 +132,8 @@ def main(argv):
     backbone = config.model.backbone
     print(
         f"imported {len(result.loaded)} tensors from {FLAGS.weights} ({backbone.name} "
-        f"x{backbone.width_multiplier:g}, {config.model.num_classes} classes) -> {checkpoint} "
+        f"x{backbone.width_multiplier:g}, {config.model.num_classes} classes, {config.model.type}) -> "
+        f"{checkpoint} "
         f"in {time.perf_counter() - start:.1f} s"
     )
     if FLAGS.export:

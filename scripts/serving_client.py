@@ -13,7 +13,11 @@ serving_default takes the encoded files, image_tensor decoded uint8 RGB pixels
 file in ``image/encoded``. Detections come back as ``detection_boxes`` (y1, x1,
 y2, x2 in original-image pixels), ``detection_scores``, ``detection_classes``
 (category ids; names with ``--label_map``, e.g. the export's
-assets/label_map.json) and ``num_detections``.
+assets/label_map.json) and ``num_detections``; a mask model (Mask R-CNN) adds
+``detection_masks`` (box-relative 28x28 probabilities) and, when exported with
+``--full_image_masks``, ``detection_masks_image`` (uint8 binary masks at the
+original size). The printout gives each detection's mask area; ``--save_outputs
+out.npz`` keeps every output array (masks included) for further use.
 
 The REST path needs only numpy and Pillow; TensorFlow is imported for gRPC and
 tf_example requests only.
@@ -44,6 +48,8 @@ OUTPUT_KEYS = (
     "detection_classes",
     "num_detections",
 )
+# Mask models only (fpn_tf.export.serving.MASK_OUTPUT_KEYS; a test checks both agree).
+MASK_OUTPUT_KEYS = ("detection_masks", "detection_masks_image")
 
 
 def image_example(encoded: bytes) -> bytes:
@@ -189,8 +195,20 @@ def describe(outputs: dict, files: list[str], names: dict[int, str], min_score: 
             cid = int(outputs["detection_classes"][i][j])
             box = ", ".join(f"{float(v):.1f}" for v in outputs["detection_boxes"][i][j])
             score = float(outputs["detection_scores"][i][j])
-            lines.append(f"  {names.get(cid, cid)} ({cid}) {score:.3f} box (y1, x1, y2, x2) [{box}]")
+            line = f"  {names.get(cid, cid)} ({cid}) {score:.3f} box (y1, x1, y2, x2) [{box}]"
+            lines.append(line + mask_summary(outputs, i, j))
     return "\n".join(lines)
+
+
+def mask_summary(outputs: dict, i: int, j: int) -> str:
+    """ ", mask …" for detection j of image i of a mask model, else ""."""
+    if "detection_masks_image" in outputs:
+        area = int(np.count_nonzero(np.asarray(outputs["detection_masks_image"][i][j])))
+        return f", mask {area} px"
+    if "detection_masks" in outputs:
+        mask = np.asarray(outputs["detection_masks"][i][j], np.float32)
+        return f", mask {np.mean(mask > 0.5):.0%} of its box"
+    return ""
 
 
 FLAGS = flags.FLAGS
@@ -208,6 +226,7 @@ def define_flags() -> None:
     flags.DEFINE_string("label_map", None, "Label map JSON (the export's assets/label_map.json) for names.")
     flags.DEFINE_float("min_score", 0.3, "Detections below this score are not printed.")
     flags.DEFINE_float("timeout", 60.0, "Request timeout in seconds.")
+    flags.DEFINE_string("save_outputs", None, "With --server: also write every output array to this .npz.")
 
 
 def main(argv):
@@ -252,6 +271,9 @@ def main(argv):
             data = json.load(f)
         names = dict(zip(data["category_ids"], data["names"], strict=True))
     print(describe(outputs, files, names, FLAGS.min_score))
+    if FLAGS.save_outputs:
+        np.savez(FLAGS.save_outputs, **{k: np.asarray(v) for k, v in outputs.items()})
+        print(f"wrote {', '.join(sorted(outputs))} to {FLAGS.save_outputs}")
     return 0
 
 

@@ -3,7 +3,9 @@
 The model comes from a training directory (the trainer's checkpoint; the run's
 ``config.yaml`` is read from there when no config is given) or from an exported
 SavedModel (``fpn_tf.export``; its ``detect`` function is called, which already
-maps labels to dataset category ids). Metrics are printed, written as JSON
+maps labels to dataset category ids). When the outputs hold ``detection_masks``
+(Mask R-CNN) the masks are pasted into original pixels and mask AP is reported
+beside box AP as ``segm_AP``, ``segm_AP50``, ... (pycocotools, RLE). Metrics are printed, written as JSON
 beside the checkpoint (``<model_dir>/ckpt-<step>.metrics.json``) and logged to
 TensorBoard under ``<model_dir>/eval`` at the checkpoint's step.
 """
@@ -32,6 +34,8 @@ from fpn_tf.evaluation.coco_evaluator import (
 from fpn_tf.summaries import write_scalars
 
 PRINTED_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# Mask models also report mask AP under these names (segm_AP, segm_AP50, ...).
+SEGM_PREFIX = "segm_"
 
 
 def run_config(model_dir: str | None, config_path: str | None = None, overrides=None) -> ExperimentConfig:
@@ -107,7 +111,8 @@ def evaluate(
             training): with ``model_dir`` the metrics go to TensorBoard at it.
 
     Returns:
-        COCO metrics (fractions; see ``coco_evaluator``), ``AR@…`` when
+        COCO metrics (fractions; see ``coco_evaluator``), ``segm_*`` mask metrics
+        for mask models, ``AR@…`` when
         proposals are evaluated, ``num_images`` and ``seconds_per_image``.
     """
     rpn_only = config.model.rpn_only
@@ -141,7 +146,7 @@ def evaluate(
             )
         detect, propose = _predict_fns(model, proposals, xla)
 
-    detections, proposal_dicts, image_ids = [], [], []
+    detections, proposal_dicts, image_ids, with_masks = [], [], [], False
     start = time.perf_counter()
     for batch in dataset:
         ids = batch["image_id"].numpy()
@@ -154,6 +159,7 @@ def evaluate(
         images, image_info = batch["images"], batch["image_info"]
         if not rpn_only:
             out = detect(images, image_info)
+            with_masks = with_masks or "detection_masks" in out
             detections += detections_to_coco(
                 ids,
                 out["detection_boxes"].numpy(),
@@ -161,6 +167,10 @@ def evaluate(
                 out["detection_classes"].numpy(),
                 out["num_detections"].numpy(),
                 label_map,
+                # Mask models: each box-relative mask is pasted into original pixels
+                # and RLE-encoded one at a time (no full-image stack).
+                masks=out["detection_masks"].numpy() if "detection_masks" in out else None,
+                image_hw=image_info[:, :2].numpy() if "detection_masks" in out else None,
             )
         if propose is not None:
             p = propose(images, image_info)
@@ -175,6 +185,9 @@ def evaluate(
     metrics: dict[str, float] = {}
     if not rpn_only:
         metrics.update(evaluate_detections(info.coco_gt, detections, image_ids))
+        if with_masks:
+            segm = evaluate_detections(info.coco_gt, detections, image_ids, iou_type="segm")
+            metrics.update({f"{SEGM_PREFIX}{k}": v for k, v in segm.items()})
     if proposals:
         metrics.update(evaluate_proposals(info.coco_gt, proposal_dicts, image_ids))
     metrics["num_images"] = len(image_ids)
@@ -195,7 +208,8 @@ def evaluate(
 
 def format_metrics(metrics: dict[str, float]) -> str:
     """One line: the COCO numbers in percent (as the paper's tables print them)."""
-    keys = [k for k in PRINTED_METRICS + PROPOSAL_METRICS if k in metrics]
+    segm = tuple(SEGM_PREFIX + k for k in PRINTED_METRICS)
+    keys = [k for k in PRINTED_METRICS + segm + PROPOSAL_METRICS if k in metrics]
     parts = [f"{k} {100.0 * metrics[k]:.1f}" if metrics[k] >= 0 else f"{k} n/a" for k in keys]
     parts.append(f"({int(metrics['num_images'])} images, {metrics['seconds_per_image']:.3f} s/image)")
     return "  ".join(parts)

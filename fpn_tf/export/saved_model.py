@@ -32,7 +32,7 @@ import tensorflow as tf
 from fpn_tf.checkpoints import restore_model  # noqa: F401  (re-exported for the scripts)
 from fpn_tf.config import ExperimentConfig, ModelConfig, from_dict, load_config, to_dict
 from fpn_tf.data.label_map import LabelMap
-from fpn_tf.export.serving import DEFAULT_MAX_IMAGE_PIXELS, DetectionModule
+from fpn_tf.export.serving import DEFAULT_MAX_IMAGE_PIXELS, FULL_IMAGE_MAX_PIXELS, DetectionModule
 
 LABEL_MAP_ASSET = "label_map.json"
 MODEL_CONFIG_ASSET = "model_config.json"
@@ -93,6 +93,8 @@ def export_saved_model(
     version: int | None = None,
     label_map: LabelMap | None = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    full_image_masks: bool = False,
+    full_image_max_pixels: int = FULL_IMAGE_MAX_PIXELS,
 ) -> str:
     """Exports a FasterRCNN as ``<export_dir_base>/<name>/<version>/`` for TF Serving.
 
@@ -106,6 +108,10 @@ def export_saved_model(
         None = identity (category id = label, names ``class_<id>``).
       max_image_pixels: the largest height x width a served image may have
         (``serving.DEFAULT_MAX_IMAGE_PIXELS``: 50 MP).
+      full_image_masks: a mask model's signatures also return
+        ``detection_masks_image`` (binary masks in original pixels; images over
+        ``full_image_max_pixels`` original pixels are refused, see
+        ``fpn_tf.export.serving``). Box-relative ``detection_masks`` are always served.
 
     Returns:
       The path of the written version directory.
@@ -126,7 +132,13 @@ def export_saved_model(
     if os.path.exists(path):
         raise FileExistsError(f"{path} already exists; choose another --version or remove it")
 
-    module = DetectionModule(model, label_map, max_image_pixels=max_image_pixels)
+    module = DetectionModule(
+        model,
+        label_map,
+        max_image_pixels=max_image_pixels,
+        full_image_masks=full_image_masks,
+        full_image_max_pixels=full_image_max_pixels,
+    )
     label_map = module.label_map
     tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir)
     try:

@@ -28,6 +28,20 @@ functions of ``fpn_tf.data.preprocess``; then one batched call of the model's ow
   label map; the contiguous labels 1..K when there is none);
 - ``num_detections`` int32 ``[B]``: rows ``[:num_detections]`` are detections, the
   rest are padding (boxes, scores and classes 0).
+
+Mask models (outputs holding ``detection_masks``, e.g. Mask R-CNN) add:
+
+- ``detection_masks`` float32 ``[B, D, M, M]``: each detection's mask probability
+  on an M x M grid over its box (box-relative; M = 28). Paste one into image
+  pixels with ``fpn_tf.ops.mask_ops.paste_mask_numpy(mask, box, (h, w))``
+  (torchvision's ``paste_masks_in_image``), threshold at 0.5 for a binary mask;
+- with ``full_image_masks=True`` at export, ``detection_masks_image`` uint8
+  ``[B, D, h, w]``: the same pasted into ORIGINAL-image pixels and thresholded
+  (1 = instance; h, w = the batch's largest original size, smaller images
+  zero-padded at the bottom / right). The size cap: an image over
+  ``full_image_max_pixels`` (default 1024 x 1024) original pixels fails the
+  request with an InvalidArgumentError naming the cap, since pasting holds
+  ``B * D * h * w`` float32 values (400 MB for 100 detections at 1 megapixel).
 """
 
 from __future__ import annotations
@@ -45,6 +59,7 @@ from fpn_tf.data.preprocess import (
     resize_image,
     try_apply,
 )
+from fpn_tf.ops import mask_ops
 
 SIGNATURE_INPUTS = {
     "serving_default": "encoded_images",
@@ -58,12 +73,15 @@ OUTPUT_KEYS = (
     "detection_classes",
     "num_detections",
 )
+MASK_OUTPUT_KEYS = ("detection_masks", "detection_masks_image")
 IMAGE_FEATURE = "image/encoded"
 # Cap on an image's pixel count (height x width), checked on the size its header
 # declares BEFORE decoding and again on the decoded size: 50 MP is ~150 MB as RGB
 # uint8 (and 4x that as float32 while resizing). An 8000 x 8000 PNG of one colour
 # is ~80 KB on the wire and would otherwise decode to 192 MB.
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+# Cap on original h * w for the full-image masks of a mask model (detection_masks_image).
+FULL_IMAGE_MAX_PIXELS = 1024 * 1024
 
 
 def identity_label_map(num_classes: int) -> LabelMap:
@@ -189,6 +207,12 @@ def _tf_variable(variable) -> tf.Variable:
     return value
 
 
+def has_masks(model) -> bool:
+    """Whether a detector's outputs hold ``detection_masks`` (a mask model)."""
+    outputs = getattr(model, "output", None)
+    return isinstance(outputs, dict) and "detection_masks" in outputs
+
+
 class DetectionModule(tf.Module):
     """A FasterRCNN plus its serving signatures (see the module docstring).
 
@@ -198,6 +222,10 @@ class DetectionModule(tf.Module):
       label_map: maps the model's labels 1..K to category ids; None = identity.
       max_image_pixels: the largest height x width a request's image may have
         (checked on the declared size before decoding; fixed when exported).
+      full_image_masks: a mask model also serves ``detection_masks_image``
+        (binary masks in original pixels; see the module docstring and its cap).
+      full_image_max_pixels: the cap on an image's original h * w for them.
+      mask_threshold: the probability at which a pasted pixel counts as instance.
     """
 
     def __init__(
@@ -206,6 +234,9 @@ class DetectionModule(tf.Module):
         label_map: LabelMap | None = None,
         name: str = "detection_module",
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        full_image_masks: bool = False,
+        full_image_max_pixels: int = FULL_IMAGE_MAX_PIXELS,
+        mask_threshold: float = 0.5,
     ):
         super().__init__(name=name)
         if (
@@ -215,6 +246,12 @@ class DetectionModule(tf.Module):
         ):
             raise ValueError(f"max_image_pixels must be a positive integer, got {max_image_pixels!r}")
         self.max_image_pixels = max_image_pixels
+        self.has_masks = has_masks(model)
+        if full_image_masks and not self.has_masks:
+            raise ValueError("full_image_masks needs a mask model (outputs with detection_masks)")
+        self.full_image_masks = bool(full_image_masks)
+        self.full_image_max_pixels = int(full_image_max_pixels)
+        self.mask_threshold = float(mask_threshold)
         config = model.config
         if config.rpn_only:
             raise ValueError("an rpn_only model has no detections to serve; export a full Faster R-CNN")
@@ -253,13 +290,37 @@ class DetectionModule(tf.Module):
         orig_hw = image_info[:, 0:2]
         normalized = boxes / tf.tile(orig_hw, [1, 2])[:, None, :]
         classes = tf.cast(self.label_map.to_category_id_tf(outputs["detection_classes"]), tf.int32)
-        return {
+        result = {
             "detection_boxes": boxes,
             "detection_boxes_normalized": normalized,
             "detection_scores": outputs["detection_scores"],
             "detection_classes": classes,
             "num_detections": outputs["num_detections"],
         }
+        if "detection_masks" in outputs:
+            result["detection_masks"] = outputs["detection_masks"]
+            if self.full_image_masks:
+                result["detection_masks_image"] = self._full_image_masks(
+                    outputs["detection_masks"], boxes, image_info
+                )
+        return result
+
+    def _full_image_masks(self, masks, boxes, image_info):
+        """Box-relative probabilities -> uint8 [B, D, h, w] binary masks in original pixels."""
+        orig_hw = tf.cast(tf.round(image_info[:, 0:2]), tf.int32)
+        pixels = orig_hw[:, 0] * orig_hw[:, 1]
+        check = tf.debugging.assert_less_equal(
+            tf.reduce_max(pixels),
+            self.full_image_max_pixels,
+            message=(
+                f"detection_masks_image is capped at {self.full_image_max_pixels} original pixels per image "
+                "(export option full_image_max_pixels); serve larger images box-relative masks"
+            ),
+        )
+        with tf.control_dependencies([check]):
+            out_hw = tf.reduce_max(orig_hw, axis=0)
+            pasted = mask_ops.paste_masks(masks, boxes, (out_hw[0], out_hw[1]))
+        return tf.cast(pasted >= self.mask_threshold, tf.uint8)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=SIGNATURE_INPUTS["serving_default"])])
     def serve_encoded(self, encoded_images):

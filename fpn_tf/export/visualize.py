@@ -23,8 +23,10 @@ def draw_detections(
     category_ids: Sequence[int],
     names: Sequence[str],
     min_score: float = 0.0,
+    masks: Sequence[np.ndarray] | None = None,
+    mask_alpha: float = 0.45,
 ) -> Image.Image:
-    """Draws boxes with "name score" labels on a copy of ``image``.
+    """Draws boxes with "name score" labels (and filled instance masks) on a copy of ``image``.
 
     Args:
       image: uint8 ``[h, w, 3]`` RGB (the original image).
@@ -32,6 +34,9 @@ def draw_detections(
       scores: ``[N]``; detections below ``min_score`` are not drawn.
       category_ids: ``[N]`` category ids (they choose the colour).
       names: ``[N]`` class names written beside the score.
+      masks: optional ``[N]`` binary ``[h, w]`` masks in the image's pixels (e.g.
+        ``mask_ops.paste_mask_numpy(...) > 0.5``), filled in the class colour at
+        ``mask_alpha`` opacity, under the boxes and labels.
 
     Returns:
       An RGB ``PIL.Image`` of the same size as ``image``.
@@ -45,6 +50,10 @@ def draw_detections(
             f"draw_detections: {len(boxes)} boxes, {len(scores)} scores, "
             f"{len(category_ids)} category ids and {len(names)} names differ in number"
         )
+    if masks is not None:
+        if len(masks) != len(boxes):
+            raise ValueError(f"draw_detections: {len(masks)} masks for {len(boxes)} boxes")
+        image = _fill_masks(image, masks, scores, category_ids, min_score, mask_alpha)
     canvas = Image.fromarray(image, "RGB")
     draw = ImageDraw.Draw(canvas)
     h, w = image.shape[:2]
@@ -66,3 +75,17 @@ def draw_detections(
         draw.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=colour)
         draw.text((x1, ty), text, fill=(0, 0, 0), font=font)
     return canvas
+
+
+def _fill_masks(image, masks, scores, category_ids, min_score: float, alpha: float) -> np.ndarray:
+    """``image`` with each mask blended in its class colour (lowest scores first, best on top)."""
+    out = image.astype(np.float32)
+    for i in np.argsort(np.asarray(scores, np.float32), kind="stable"):
+        if float(scores[i]) < min_score:
+            continue
+        mask = np.asarray(masks[i], bool)
+        if mask.shape != image.shape[:2]:
+            raise ValueError(f"draw_detections: mask {i} has shape {mask.shape}, the image {image.shape[:2]}")
+        colour = np.asarray(class_colour(int(category_ids[i])), np.float32)
+        out[mask] = (1.0 - alpha) * out[mask] + alpha * colour
+    return np.round(out).astype(np.uint8)

@@ -159,7 +159,8 @@ def paste_masks(masks: tf.Tensor, boxes: tf.Tensor, out_hw: tuple[int, int]) -> 
     Args:
       masks: float32 ``[B, D, S, S]`` probabilities in each box's frame.
       boxes: float32 ``[B, D, 4]`` (y1, x1, y2, x2) in the output image's pixels.
-      out_hw: python ints (h, w), the output size (static: XLA-compilable).
+      out_hw: (h, w), the output size: python ints (static: XLA-compilable) or
+        int32 scalar tensors (serving, where the original size varies).
 
     Returns:
       float32 ``[B, D, h, w]``. Memory grows as B * D * h * w * 4 bytes (100
@@ -170,7 +171,7 @@ def paste_masks(masks: tf.Tensor, boxes: tf.Tensor, out_hw: tuple[int, int]) -> 
     side = masks.shape[-1]
     padded = tf.pad(masks, [[0, 0], [0, 0], [1, 1], [1, 1]])
     ib = tf.cast(_expanded_int_boxes(tf.cast(boxes, tf.float32), side, tf), tf.int32)
-    h, w = int(out_hw[0]), int(out_hw[1])
+    h, w = (v if tf.is_tensor(v) else int(v) for v in out_hw)
     wy = _paste_weights(ib[..., 0], ib[..., 2], h, side)  # [B, D, h, S + 2]
     wx = _paste_weights(ib[..., 1], ib[..., 3], w, side)  # [B, D, w, S + 2]
     return tf.einsum("bdym,bdmk,bdxk->bdyx", wy, padded, wx)
