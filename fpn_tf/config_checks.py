@@ -145,6 +145,13 @@ RULES: dict[type, dict[str, Any]] = {
         "max_gt_boxes": AT_LEAST_1,
         "mask_size": NON_NEGATIVE,  # 0: no masks in the batch
     },
+    C.MaskHeadConfig: {
+        "pooler_resolution": AT_LEAST_1,
+        "sampling_ratio": AT_LEAST_1,
+        "num_convs": NON_NEGATIVE,
+        "conv_channels": AT_LEAST_1,
+        "loss_weight": NON_NEGATIVE,
+    },
     C.ModelConfig: {
         "type": Choice(C.MODEL_TYPES),
         "num_classes": Range(2),  # background + at least one class

@@ -31,6 +31,7 @@ from fpn_tf.layers.normalization import PixelNormalization
 from fpn_tf.models.box_heads import FastRCNNHead
 from fpn_tf.models.conv5_head import Conv5Head
 from fpn_tf.models.detection_generator import DetectionGenerator, ToOriginalPixels
+from fpn_tf.models.mask_head import ClassMasks, MaskHead, ToInputPixels
 from fpn_tf.models.roi_pooler import RoIPooler
 from fpn_tf.models.rpn import ProposalGenerator, RPNHead
 
@@ -113,6 +114,13 @@ CASES = {
         {},
     ),
     "FasterRCNN": _model_case,
+    "MaskHead": lambda: (MaskHead(4, num_convs=2, conv_channels=8), (_rand(1, 3, 14, 14, 8),), {}),
+    "ClassMasks": lambda: (ClassMasks(), (_rand(1, 3, 28, 28, 4), tf.constant([[1, 3, 0]])), {}),
+    "ToInputPixels": lambda: (
+        ToInputPixels(),
+        (BOXES, tf.constant([[120.0, 100.0, 60.0, 50.0, 0.5, 0.5]])),
+        {},
+    ),
 }
 
 
