@@ -167,7 +167,14 @@ TORCH_SCRIPT = textwrap.dedent(
         bias = torch.randn(9, 91, generator=gen) * 0.5 - 2.5
         bias[:, 0] = -30.0
         head.classification_head.cls_logits.bias.copy_(bias.reshape(-1))
-        torch.nn.init.normal_(head.regression_head.bbox_reg.weight, std=0.002, generator=gen)
+        torch.nn.init.normal_(head.regression_head.bbox_reg.weight, std=0.01, generator=gen)
+        # Rescale the output convs so that the class logits vary by ~1 around their bias and
+        # the box deltas by ~0.1 (unscaled, the towers' activations saturate every score at 1).
+        feats = list(model.backbone(model.transform([calibration])[0].tensors).values())
+        for tower, conv, spread in ((head.classification_head.conv, head.classification_head.cls_logits, 1.0),
+                                    (head.regression_head.conv, head.regression_head.bbox_reg, 0.1)):
+            std = torch.cat([(conv(tower(f)) - conv.bias[:, None, None]).flatten() for f in feats]).std()
+            conv.weight.mul_(spread / std)
     torch.save(model.state_dict(), f"{out_dir}/torchvision.pth")
 
     image = torch.from_numpy(np.load(image_path)).permute(2, 0, 1) / 255.0
@@ -231,3 +238,24 @@ def test_parity_with_torchvision_through_a_saved_model(tmp_path):
     box_diff = np.abs(served["detection_boxes"][0, :n] - boxes).max()
     print(f"max score diff {score_diff:.2e}, max box diff {box_diff:.4f} px")
     assert score_diff <= 1e-4 and box_diff <= 0.05
+
+
+@pytest.mark.slow
+def test_import_script_recognises_a_retinanet(tmp_path):
+    from fpn_tf.export.saved_model import experiment_config, restore_model
+
+    source = _tiny(0, "group_norm")
+    np.savez(tmp_path / "tiny.npz", **torchvision_retinanet_state_dict(source))
+    model_dir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "import_torchvision.py"),
+         f"--weights={tmp_path / 'tiny.npz'}", f"--model_dir={model_dir}"],
+        env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(retinanet, resnet18 x0.25, 5 classes)" in done.stdout
+    config = experiment_config(str(model_dir), None)
+    assert (config.model.type, config.model.retinanet.norm) == ("retinanet", "group_norm")
+    restored = restore_model(config.model, str(model_dir))
+    for a, b in zip(source.weights, restored.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
