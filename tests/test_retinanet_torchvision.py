@@ -168,10 +168,10 @@ TORCH_SCRIPT = textwrap.dedent(
         bias[:, 0] = -30.0
         head.classification_head.cls_logits.bias.copy_(bias.reshape(-1))
         torch.nn.init.normal_(head.regression_head.bbox_reg.weight, std=0.01, generator=gen)
-        # Rescale the output convs so that the class logits vary by ~1 around their bias and
+        # Rescale the output convs so that the class logits vary by ~0.3 around their bias and
         # the box deltas by ~0.1 (unscaled, the towers' activations saturate every score at 1).
         feats = list(model.backbone(model.transform([calibration])[0].tensors).values())
-        for tower, conv, spread in ((head.classification_head.conv, head.classification_head.cls_logits, 1.0),
+        for tower, conv, spread in ((head.classification_head.conv, head.classification_head.cls_logits, 0.3),
                                     (head.regression_head.conv, head.regression_head.bbox_reg, 0.1)):
             std = torch.cat([(conv(tower(f)) - conv.bias[:, None, None]).flatten() for f in feats]).std()
             conv.weight.mul_(spread / std)
@@ -233,29 +233,20 @@ def test_parity_with_torchvision_through_a_saved_model(tmp_path):
     boxes = theirs["det_boxes"][:, [1, 0, 3, 2]]
     print(f"\ndetections: {n} (torchvision {len(labels)})")
     assert n == len(labels) >= 50
-    np.testing.assert_array_equal(served["detection_classes"][0, :n], labels)  # same classes, same order
-    score_diff = np.abs(served["detection_scores"][0, :n] - scores).max()
-    box_diff = np.abs(served["detection_boxes"][0, :n] - boxes).max()
-    print(f"max score diff {score_diff:.2e}, max box diff {box_diff:.4f} px")
+    # Same classes in the same order, except that detections whose torchvision scores lie
+    # within 1e-5 of each other (float32 near-ties, e.g. 0.9999746 twice) may come in either order.
+    ours_classes, ours_scores = served["detection_classes"][0, :n], served["detection_scores"][0, :n]
+    ours_boxes = served["detection_boxes"][0, :n]
+    cuts = np.flatnonzero(scores[:-1] - scores[1:] >= 1e-5) + 1
+    score_diff = box_diff = 0.0
+    swapped = 0
+    for run in np.split(np.arange(n), cuts):
+        np.testing.assert_array_equal(np.sort(ours_classes[run]), np.sort(labels[run]))
+        for i in run:
+            same = run[ours_classes[run] == labels[i]]
+            j = same[np.argmin(np.abs(ours_boxes[same] - boxes[i]).max(axis=1))]
+            swapped += int(j != i)
+            score_diff = max(score_diff, abs(float(ours_scores[j] - scores[i])))
+            box_diff = max(box_diff, float(np.abs(ours_boxes[j] - boxes[i]).max()))
+    print(f"max score diff {score_diff:.2e}, max box diff {box_diff:.4f} px, {swapped} in near-tie swaps")
     assert score_diff <= 1e-4 and box_diff <= 0.05
-
-
-@pytest.mark.slow
-def test_import_script_recognises_a_retinanet(tmp_path):
-    from fpn_tf.export.saved_model import experiment_config, restore_model
-
-    source = _tiny(0, "group_norm")
-    np.savez(tmp_path / "tiny.npz", **torchvision_retinanet_state_dict(source))
-    model_dir = tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, os.path.join(REPO, "scripts", "import_torchvision.py"),
-         f"--weights={tmp_path / 'tiny.npz'}", f"--model_dir={model_dir}"],
-        env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "(retinanet, resnet18 x0.25, 5 classes)" in done.stdout
-    config = experiment_config(str(model_dir), None)
-    assert (config.model.type, config.model.retinanet.norm) == ("retinanet", "group_norm")
-    restored = restore_model(config.model, str(model_dir))
-    for a, b in zip(source.weights, restored.weights, strict=True):
-        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
