@@ -200,13 +200,18 @@ def test_checkpoint_holds_every_variable(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
 
 
+STEPS = 500  # of batch 4 (~3 min on 2 shared cores)
+
+
 @pytest.mark.slow
 def test_overfits_small_shape_dataset_to_high_ap50():
     keras.utils.set_random_seed(0)
     model = fpn_tf.build_retinanet(config=tiny_retinanet_config(num_classes=4))
     data = draw_shape_images(20, size=128, seed=0)
     tensors = {k: tf.constant(v) for k, v in data.items()}
-    optimizer = keras.optimizers.Adam(learning_rate=2e-3)
+    # 2e-3, then 2e-4 for the last fifth (the 10x drop sharpens boxes and scores).
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([STEPS * 4 // 5], [2e-3, 2e-4])
+    optimizer = keras.optimizers.Adam(learning_rate=schedule)
     variables = model.trainable_variables
 
     @tf.function
@@ -220,14 +225,15 @@ def test_overfits_small_shape_dataset_to_high_ap50():
     batch_size, losses = 4, []
     for i in range(STEPS):
         start = (i * batch_size) % 20
-        losses.append(float(step({k: v[start : start + batch_size] for k, v in tensors.items()}, i)))
+        batch = {k: v[start : start + batch_size] for k, v in tensors.items()}
+        losses.append(float(step(batch, tf.constant(i))))
+    print(f"\nloss {np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f}")
     assert np.mean(losses[-20:]) < 0.3 * np.mean(losses[:20])
     outputs = model({"images": data["images"], "image_info": data["image_info"]})
     outputs = {k: v.numpy() for k, v in outputs.items()}
-    assert _coco_ap50(data, outputs) >= 0.9
-
-
-STEPS = 300
+    ap50 = _coco_ap50(data, outputs)
+    print(f"AP50 {ap50:.3f}")
+    assert ap50 >= 0.9
 
 
 @pytest.mark.slow
