@@ -250,3 +250,24 @@ def test_parity_with_torchvision_through_a_saved_model(tmp_path):
             box_diff = max(box_diff, float(np.abs(ours_boxes[j] - boxes[i]).max()))
     print(f"max score diff {score_diff:.2e}, max box diff {box_diff:.4f} px, {swapped} in near-tie swaps")
     assert score_diff <= 1e-4 and box_diff <= 0.05
+
+
+@pytest.mark.slow
+def test_import_script_recognises_a_retinanet(tmp_path):
+    from fpn_tf.export.saved_model import experiment_config, restore_model
+
+    source = _tiny(0, "group_norm")
+    np.savez(tmp_path / "tiny.npz", **torchvision_retinanet_state_dict(source))
+    model_dir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "import_torchvision.py"),
+         f"--weights={tmp_path / 'tiny.npz'}", f"--model_dir={model_dir}"],
+        env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(retinanet, resnet18 x0.25, 5 classes)" in done.stdout
+    config = experiment_config(str(model_dir), None)
+    assert (config.model.type, config.model.retinanet.norm) == ("retinanet", "group_norm")
+    restored = restore_model(config.model, str(model_dir))
+    for a, b in zip(source.weights, restored.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
