@@ -3,6 +3,7 @@
 Entry points:
   fpn_tf.build_faster_rcnn(num_classes=91, backbone="resnet50", ...)  # detector
   fpn_tf.build_mask_rcnn(num_classes=91, ...)                        # + instance masks
+  fpn_tf.build_retinanet(num_classes=91, backbone="resnet50", ...)    # one-stage detector on P3..P7
   fpn_tf.build_fpn_backbone(backbone_config, fpn_config)             # image -> {"P2".."P6"}
 
 Attributes resolve lazily so that ``import fpn_tf.config`` does not load TensorFlow.
@@ -19,6 +20,8 @@ _EXPORTS = {
     "MaskRCNN": "fpn_tf.models.mask_rcnn",
     "build_mask_rcnn": "fpn_tf.models.mask_rcnn",
     "build_fpn_backbone": "fpn_tf.models.fpn_backbone",
+    "RetinaNet": "fpn_tf.models.retinanet",
+    "build_retinanet": "fpn_tf.models.retinanet",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -157,7 +157,49 @@ class MaskHeadConfig:
     loss_weight: float = 1.0
 
 
-MODEL_TYPES = ("faster_rcnn", "mask_rcnn")  # fpn_tf.models.build.MODEL_TYPES maps each to its detector
+@dataclass
+class RetinaNetConfig:
+    """RetinaNet's dense head, focal loss and inference (Lin et al. 2017b, "Focal Loss").
+
+    Defaults are the paper's / Detectron2's; the ``torchvision_v1`` preset
+    (fpn_tf.models.presets) changes what torchvision's ``retinanet_resnet50_fpn`` does
+    differently. The pyramid (P3..P7) and the base anchor sizes (32..512) are
+    ``model.fpn`` and ``model.anchors``; for ``model.type: retinanet`` the ``""`` preset
+    of fpn_tf.models.presets sets them.
+    """
+
+    # Anchors: sizes[level] * 2**(i / scales_per_octave), i = 0..scales_per_octave-1
+    scales_per_octave: int = 3
+    truncate_anchor_sizes: bool = False  # torchvision: int(32 * 2**(1/3)) = 40, not 40.3
+    num_convs: int = 4  # 3x3 conv + ReLU layers of each tower (class, box)
+    conv_channels: int = 0  # 0 -> the pyramid's channels
+    norm: str = "none"  # none | group_norm (GroupNorm(32) after each tower conv: torchvision v2)
+    prior_probability: float = 0.01  # class-logit bias init -log((1 - p) / p)
+    # False: K-1 sigmoid channels per anchor (label k -> channel k-1, background has none:
+    # Detectron2). True: K channels, channel 0 trained towards 0 and ignored at inference
+    # (torchvision's layout, needed to import its weights).
+    background_channel: bool = False
+    positive_iou: float = 0.5
+    negative_iou: float = 0.4
+    allow_low_quality_matches: bool = True  # each GT's best anchors are positive (torchvision, D2)
+    box_coder_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    box_loss: str = "smooth_l1"  # smooth_l1 | l1 (torchvision v1)
+    smooth_l1_beta: float = 0.1  # Detectron2's RetinaNet
+    # batch: losses summed over the batch / positive anchors of the batch (paper, Detectron2);
+    # image: per image / its positive anchors, then averaged over images (torchvision).
+    loss_normalization: str = "batch"
+    class_loss_weight: float = 1.0
+    box_loss_weight: float = 1.0
+    score_threshold: float = 0.05
+    topk_candidates: int = 1000  # per level, before NMS
+    nms_iou: float = 0.5  # per class
+    detections_per_image: int = 100
+
+
+# fpn_tf.models.build.MODEL_TYPES maps each to its detector
+MODEL_TYPES = ("faster_rcnn", "mask_rcnn", "retinanet")
 
 
 @dataclass
@@ -166,6 +208,9 @@ class ModelConfig:
 
     A preset (``fpn_tf.models.presets.PRESETS``, e.g. "torchvision_v1") changes the
     paper's defaults; keys given beside it in the same mapping win over the preset.
+    The dataclass defaults are Faster R-CNN's; another ``type`` may change them in
+    its "" preset (applied by ``from_dict``/``load_config``, so build configs of
+    other types with those, not with ``ModelConfig(type=...)``).
     """
 
     type: str = "faster_rcnn"  # one of MODEL_TYPES
@@ -176,6 +221,7 @@ class ModelConfig:
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi_head: RoIHeadConfig = field(default_factory=RoIHeadConfig)
+    retinanet: RetinaNetConfig = field(default_factory=RetinaNetConfig)  # model.type retinanet
     input: InputConfig = field(default_factory=InputConfig)
     mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)  # model.type mask_rcnn only
     rpn_only: bool = False  # Table 1 experiments: train and evaluate proposals only
@@ -299,10 +345,12 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
 
 
 def _apply_preset(values: dict, where: str) -> dict:
-    """A ModelConfig mapping with its ``preset``'s delta underneath the given keys."""
+    """A ModelConfig mapping with its ``preset``'s delta underneath the given keys.
+
+    The delta of preset "" is the model type's own defaults over the dataclasses'
+    (e.g. RetinaNet's P3..P7 pyramid); a named preset applies on top of those.
+    """
     name = values.get("preset") or ""
-    if not name:
-        return values
     from fpn_tf.models import presets  # imports only this module: no cycle at load time
 
     model_type = values.get("type", ModelConfig.type)

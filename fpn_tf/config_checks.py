@@ -145,6 +145,27 @@ RULES: dict[type, dict[str, Any]] = {
         "max_gt_boxes": AT_LEAST_1,
         "mask_size": NON_NEGATIVE,  # 0: no masks in the batch
     },
+    C.RetinaNetConfig: {
+        "scales_per_octave": AT_LEAST_1,
+        "num_convs": NON_NEGATIVE,
+        "conv_channels": NON_NEGATIVE,  # 0: the pyramid's channels
+        "norm": Choice(("none", "group_norm")),
+        "prior_probability": Range(0, 1, open_low=True, open_high=True),
+        "positive_iou": UNIT,
+        "negative_iou": UNIT,
+        "box_coder_weights": Each(POSITIVE, 4, 4),
+        "focal_alpha": UNIT,
+        "focal_gamma": NON_NEGATIVE,
+        "box_loss": Choice(("smooth_l1", "l1")),
+        "smooth_l1_beta": NON_NEGATIVE,
+        "loss_normalization": Choice(("batch", "image")),
+        "class_loss_weight": NON_NEGATIVE,
+        "box_loss_weight": NON_NEGATIVE,
+        "score_threshold": UNIT,
+        "topk_candidates": AT_LEAST_1,
+        "nms_iou": UNIT,
+        "detections_per_image": AT_LEAST_1,
+    },
     C.MaskHeadConfig: {
         "pooler_resolution": AT_LEAST_1,
         "sampling_ratio": AT_LEAST_1,

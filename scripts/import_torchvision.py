@@ -1,7 +1,9 @@
-"""Imports a torchvision Faster R-CNN or Mask R-CNN + FPN checkpoint as an fpn_tf training directory.
+"""Imports a torchvision Faster R-CNN, Mask R-CNN or RetinaNet + FPN checkpoint as a training directory.
 
 A state dict with ``roi_heads.mask_*`` keys (``maskrcnn_resnet50_fpn``) becomes a
-``model.type: mask_rcnn`` model (``fpn_tf.models.weights_torchvision_mask``).
+``model.type: mask_rcnn`` model (``fpn_tf.models.weights_torchvision_mask``), one with
+``head.classification_head`` keys (``retinanet_resnet50_fpn``) a ``model.type: retinanet``
+model (``fpn_tf.models.weights_torchvision_retinanet``).
 
     python scripts/import_torchvision.py \
         --weights fasterrcnn_resnet50_fpn_coco-258fb6c6.pth --model_dir runs/torchvision_v1
@@ -12,7 +14,9 @@ Writes into ``--model_dir`` what scripts/evaluate.py, scripts/export.py and
 scripts/predict.py read from a training directory:
 
 - ``ckpt-1.*`` + ``checkpoint``: ``tf.train.Checkpoint(model=model)``;
-- ``config.yaml``: the experiment, its model the ``torchvision_v1`` preset with
+- ``config.yaml``: the experiment, its model the ``torchvision_v1`` preset (of
+  ``model.type`` faster_rcnn, or retinanet for a ``retinanet_resnet50_fpn`` state
+  dict, recognised by its ``head.classification_head`` keys) with
   the depth, width, FPN channels and class count read from the state dict
   (``--override model.a.b=value`` changes what does not affect the weights);
 - ``label_map.json``: torchvision's 91-id COCO labelling for a 91-class model
@@ -71,6 +75,7 @@ def main(argv):
 
     from fpn_tf.config import ConfigError, to_dict
     from fpn_tf.data.label_map import LabelMap
+    from fpn_tf.models import weights_torchvision_retinanet as retinanet_weights
     from fpn_tf.models.build import build_model
     from fpn_tf.models.presets import torchvision_coco_label_map
     from fpn_tf.models.weights_torchvision import (
@@ -92,13 +97,15 @@ def main(argv):
     try:
         state = read_state_dict(FLAGS.weights)
         if is_mask_state_dict(state):
-            config = experiment_config(infer_torchvision_mask_config(state), FLAGS.override)
-            model = build_model(config.model)
-            result = load_torchvision_mask_state_dict(model, state)
+            infer, load = infer_torchvision_mask_config, load_torchvision_mask_state_dict
+        elif retinanet_weights.is_torchvision_retinanet(state):
+            infer = retinanet_weights.infer_torchvision_retinanet_config
+            load = retinanet_weights.load_torchvision_retinanet_state_dict
         else:
-            config = experiment_config(infer_torchvision_config(state), FLAGS.override)
-            model = build_model(config.model)
-            result = load_torchvision_state_dict(model, state)
+            infer, load = infer_torchvision_config, load_torchvision_state_dict
+        config = experiment_config(infer(state), FLAGS.override)
+        model = build_model(config.model)
+        result = load(model, state)
     except (WeightImportError, ConfigError, FileNotFoundError, ValueError) as e:
         logging.error("%s", e)
         return 2
@@ -131,9 +138,8 @@ def main(argv):
             f.write(label_map.to_json())
     backbone = config.model.backbone
     print(
-        f"imported {len(result.loaded)} tensors from {FLAGS.weights} ({backbone.name} "
-        f"x{backbone.width_multiplier:g}, {config.model.num_classes} classes, {config.model.type}) -> "
-        f"{checkpoint} "
+        f"imported {len(result.loaded)} tensors from {FLAGS.weights} ({config.model.type}, {backbone.name} "
+        f"x{backbone.width_multiplier:g}, {config.model.num_classes} classes) -> {checkpoint} "
         f"in {time.perf_counter() - start:.1f} s"
     )
     if FLAGS.export:

@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from layer_round_trip import check_layer_round_trip
+from test_mask_rcnn import tiny_mask_config
 from tiny import tiny_model_config
+from tiny_retinanet import tiny_retinanet_config
 
 import fpn_tf
-from fpn_tf.config import AnchorConfig, BackboneConfig, RPNConfig, to_dict
+from fpn_tf.config import AnchorConfig, BackboneConfig, RetinaNetConfig, RPNConfig, to_dict
 from fpn_tf.layers.fpn import (
     ConvExtraLevels,
     FeaturePyramid,
@@ -30,8 +32,10 @@ from fpn_tf.layers.frozen_batch_norm import FrozenBatchNorm
 from fpn_tf.layers.normalization import PixelNormalization
 from fpn_tf.models.box_heads import FastRCNNHead
 from fpn_tf.models.conv5_head import Conv5Head
+from fpn_tf.models.dense_detection_generator import DenseDetectionGenerator
 from fpn_tf.models.detection_generator import DetectionGenerator, ToOriginalPixels
 from fpn_tf.models.mask_head import ClassMasks, MaskHead, ToInputPixels
+from fpn_tf.models.retinanet_head import RetinaNetHead
 from fpn_tf.models.roi_pooler import RoIPooler
 from fpn_tf.models.rpn import ProposalGenerator, RPNHead
 
@@ -72,17 +76,20 @@ def _detection_case():
     )
 
 
-def _model_case():
-    return (
-        fpn_tf.FasterRCNN(tiny_model_config()),
-        (
-            {
-                "images": _rand(1, 128, 128, 3, high=255.0),
-                "image_info": tf.constant([[128.0, 128.0, 128.0, 128.0, 1.0, 1.0]]),
-            },
-        ),
-        {},
-    )
+def _dense_case():
+    levels = ["P3", "P4", "P5", "P6", "P7"]
+    outputs = RetinaNetHead(9, 3, 8, num_convs=1)(_pyramid(size=256, levels=levels))
+    anchors = to_dict(AnchorConfig(sizes=(12.0, 24.0, 48.0, 96.0, 192.0)))
+    generator = DenseDetectionGenerator(anchors, to_dict(RetinaNetConfig(score_threshold=0.0)), levels)
+    return generator, (outputs, tf.constant([[256.0, 256.0, 256.0, 256.0, 1.0, 1.0]])), {}
+
+
+def _model_case(model_cls=fpn_tf.FasterRCNN, config=None):
+    inputs = {
+        "images": _rand(1, 128, 128, 3, high=255.0),
+        "image_info": tf.constant([[128.0, 128.0, 128.0, 128.0, 1.0, 1.0]]),
+    }
+    return model_cls(config or tiny_model_config()), (inputs,), {}
 
 
 CASES = {
@@ -116,6 +123,10 @@ CASES = {
     "FasterRCNN": _model_case,
     "MaskHead": lambda: (MaskHead(4, num_convs=2, conv_channels=8), (_rand(1, 3, 14, 14, 8),), {}),
     "ClassMasks": lambda: (ClassMasks(), (_rand(1, 3, 28, 28, 4), tf.constant([[1, 3, 0]])), {}),
+    "RetinaNetHead": lambda: (RetinaNetHead(9, 3, 32, num_convs=2, norm="group_norm"), (_pyramid(),), {}),
+    "DenseDetectionGenerator": _dense_case,
+    "MaskRCNN": lambda: _model_case(fpn_tf.MaskRCNN, tiny_mask_config()),
+    "RetinaNet": lambda: _model_case(fpn_tf.RetinaNet, tiny_retinanet_config()),
     "ToInputPixels": lambda: (
         ToInputPixels(),
         (BOXES, tf.constant([[120.0, 100.0, 60.0, 50.0, 0.5, 0.5]])),

@@ -75,6 +75,8 @@ def served_model_config(model) -> ModelConfig:
     ``nms_iou`` or ``detections_per_image`` after building; the exported config
     records the values the SavedModel was traced with.
     """
+    if hasattr(model, "served_config"):  # a detector that knows where its settings live
+        return model.served_config()
     cfg = model.config
     gen = model.detection_generator
     roi_head = dataclasses.replace(

@@ -14,6 +14,7 @@ from fpn_tf.config import ModelConfig
 MODEL_TYPES: dict[str, str] = {
     "faster_rcnn": "fpn_tf.models.faster_rcnn:FasterRCNN",
     "mask_rcnn": "fpn_tf.models.mask_rcnn:MaskRCNN",
+    "retinanet": "fpn_tf.models.retinanet:RetinaNet",
 }
 assert set(MODEL_TYPES) == set(CONFIG_MODEL_TYPES), "fpn_tf.config.MODEL_TYPES and MODEL_TYPES differ"
 

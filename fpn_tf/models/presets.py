@@ -56,6 +56,28 @@ PRESETS: dict[str, dict[str, dict]] = {
             "input": {"size_divisibility": 32},  # GeneralizedRCNNTransform(size_divisible=32)
         },
     },
+    "retinanet": {
+        # RetinaNet's own defaults (Lin et al. 2017b; Detectron2): P3..P7, P6/P7 by stride-2
+        # 3x3 convs on C5, anchors 32..512 on P3..P7 (x 3 scales x 3 ratios: model.retinanet).
+        "": {
+            "fpn": {"min_level": 3, "max_level": 5, "extra_block": "conv_c5", "num_extra_levels": 2},
+            "input": {"size_divisibility": 128},  # keeps P7 (stride 128) exact
+        },
+        # torchvision's retinanet_resnet50_fpn (v1 COCO weights, 36.4 box AP)
+        "torchvision_v1": {
+            "backbone": {"bn_epsilon": 0.0},  # overwrite_eps(model, 0.0) for the v1 weights
+            "fpn": {"extra_block": "conv_p5"},  # LastLevelP6P7(256, 256): P6 from P5
+            "anchors": {"round_base": True, "strides_from_input_size": True},
+            "retinanet": {
+                "truncate_anchor_sizes": True,  # _default_anchorgen: int(x * 2 ** (i / 3))
+                "background_channel": True,  # cls_logits has num_classes channels per anchor
+                "box_loss": "l1",  # RetinaNetRegressionHead._loss_type
+                "loss_normalization": "image",
+                "detections_per_image": 300,  # RetinaNet(detections_per_img=300)
+            },
+            "input": {"size_divisibility": 32},
+        },
+    },
 }
 # torchvision's maskrcnn_resnet50_fpn (v1 COCO weights, 37.9 box / 34.6 mask AP): the same
 # graph plus MaskRCNNHeads(256, [256] * 4) + MaskRCNNPredictor(256, 256, K) on
@@ -67,19 +89,26 @@ PRESETS["mask_rcnn"] = {"torchvision_v1": _MASK_TORCHVISION_V1}
 
 
 def preset_names(model_type: str = "faster_rcnn") -> list[str]:
-    """The presets a model type accepts."""
-    return sorted(PRESETS.get(model_type, {}))
+    """The named presets a model type accepts ("" , the type's defaults, not included)."""
+    return sorted(name for name in PRESETS.get(model_type, {}) if name)
 
 
 def preset_delta(model_type: str, name: str) -> dict:
-    """The nested dict preset ``name`` changes; ValueError naming the valid ones."""
+    """The nested dict preset ``name`` changes; ValueError naming the valid ones.
+
+    Preset "" is the model type's own defaults (empty for Faster R-CNN, whose are the
+    dataclasses'); a named preset is a delta over it.
+    """
     presets = PRESETS.get(model_type, {})
+    base = presets.get("", {})
+    if not name:
+        return copy.deepcopy(base)
     if name not in presets:
-        valid = ", ".join(sorted(presets)) or "none"
+        valid = ", ".join(preset_names(model_type)) or "none"
         raise ValueError(
             f"unknown model.preset {name!r} for model.type {model_type!r}; valid presets: {valid}"
         )
-    return copy.deepcopy(presets[name])
+    return merge_dicts(base, presets[name])
 
 
 def merge_dicts(base: dict, delta: dict) -> dict:
@@ -94,7 +123,7 @@ def merge_dicts(base: dict, delta: dict) -> dict:
 
 
 def preset_config(name: str, num_classes: int | None = None, model_type: str = "faster_rcnn") -> ModelConfig:
-    """The ModelConfig of preset ``name``: the paper's defaults plus the preset's delta."""
+    """The ModelConfig of preset ``name``: the type's defaults plus the preset's delta."""
     values = {"type": model_type, "preset": name}
     if num_classes is not None:
         values["num_classes"] = int(num_classes)
@@ -135,7 +164,9 @@ def resolve_model_config(
         if config is not None:
             raise ValueError(f"build_{model_type}: pass either config or preset, not both")
         config = preset_config(preset, model_type=model_type)
-    cfg = dataclasses.replace(config) if config is not None else ModelConfig(type=model_type)
+    if config is None:
+        config = from_dict(ModelConfig, {"type": model_type})  # with the type's "" preset
+    cfg = dataclasses.replace(config)
     if cfg.type != model_type:
         raise ValueError(f"build_{model_type} was given a config of model.type {cfg.type!r}")
     if num_classes is not None:

@@ -1,8 +1,9 @@
-"""Box regression losses shared by the RPN and the Fast R-CNN head.
+"""Losses shared by the detectors: box regression, and RetinaNet's sigmoid focal loss.
 
-Defaults (see fpn_tf.config): smooth-L1 with beta 1/9 for the RPN (Detectron v1,
+Box defaults (see fpn_tf.config): smooth-L1 with beta 1/9 for the RPN (Detectron v1,
 torchvision) and beta 1.0 for the head (Fast R-CNN, Detectron v1). Detectron2
-uses plain L1 for both: ``box_loss: l1``.
+uses plain L1 for both: ``box_loss: l1``. RetinaNet: smooth-L1 beta 0.1
+(Detectron2) or L1 (torchvision).
 """
 
 from __future__ import annotations
@@ -31,3 +32,27 @@ def box_regression_loss(pred: tf.Tensor, target: tf.Tensor, kind: str, beta: flo
     else:
         loss = tf.where(diff < beta, 0.5 * tf.square(diff) / beta, diff - 0.5 * beta)
     return tf.reduce_sum(loss, axis=-1)
+
+
+def sigmoid_focal_loss(logits: tf.Tensor, targets: tf.Tensor, alpha: float, gamma: float) -> tf.Tensor:
+    """Element-wise focal loss (Lin et al. 2017b, eq. 5), torchvision's ``sigmoid_focal_loss``.
+
+    ``FL = alpha_t * (1 - p_t)**gamma * BCE(logits, targets)`` with ``p_t = p`` for
+    targets 1 and ``1 - p`` for 0; ``alpha_t = alpha`` for 1 and ``1 - alpha`` for 0
+    (``alpha < 0`` turns the weighting off).
+
+    Args:
+      logits, targets: same shape, float; targets in {0, 1}.
+
+    Returns:
+      float32, the shape of ``logits`` (not reduced).
+    """
+    logits = tf.cast(logits, tf.float32)
+    targets = tf.cast(targets, tf.float32)
+    p = tf.sigmoid(logits)
+    ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=targets, logits=logits)
+    p_t = p * targets + (1.0 - p) * (1.0 - targets)
+    loss = ce * tf.pow(1.0 - p_t, gamma)
+    if alpha >= 0:
+        loss = (alpha * targets + (1.0 - alpha) * (1.0 - targets)) * loss
+    return loss
