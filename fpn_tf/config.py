@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from fpn_tf.config_files import resolve_config_path
+
 
 @dataclass
 class BackboneConfig:
@@ -288,12 +290,14 @@ def to_dict(config: Any) -> dict:
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Loads an ExperimentConfig from a YAML file plus ``a.b=value`` overrides.
 
-    The file is parsed with ``yaml.safe_load`` (data, never code). Overrides are
-    parsed as YAML scalars/lists, e.g. ``train.batch_size=2`` or
+    ``path`` is a file or the name of a shipped config ("demo", see
+    ``fpn_tf.config_files``). The file is parsed with ``yaml.safe_load`` (data,
+    never code). Overrides are parsed as YAML scalars/lists, e.g. ``train.batch_size=2`` or
     ``model.anchors.sizes=[16,32,64,128,256]``.
     """
     values: dict = {}
     if path:
+        path = resolve_config_path(path)
         with open(path, encoding="utf-8") as f:
             loaded = yaml.safe_load(f)
         if loaded is None:
