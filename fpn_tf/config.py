@@ -195,6 +195,11 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4  # not applied to frozen or normalisation parameters
     gradient_clip_norm: float = 0.0  # 0 disables
+    # mixed_float16 only: dynamic loss scaling (Keras' LossScaleOptimizer defaults). The
+    # scale halves on a step with non-finite gradients (the step is skipped) and doubles
+    # after loss_scale_growth_steps finite steps in a row.
+    initial_loss_scale: float = 32768.0
+    loss_scale_growth_steps: int = 2000
     checkpoint_every: int = 1000
     max_checkpoints_to_keep: int = 3
     log_every: int = 20

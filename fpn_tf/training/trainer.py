@@ -50,6 +50,7 @@ from fpn_tf.training import distribute
 from fpn_tf.training.optimizer import (
     MIXED_PRECISION_POLICIES,
     build_optimizer,
+    loss_scale_scalars,
     postprocess_gradients,
     weight_decay_mask,
 )
@@ -408,6 +409,8 @@ class Trainer:
         remaining = self.train_steps - step
         eta = _format_seconds(remaining / steps_per_second) if steps_per_second > 0 else "?"
         loss_text = "  ".join(f"{k} {v:.4f}" for k, v in sorted(losses.items()))
+        scaling = loss_scale_scalars(self.optimizer)  # mixed_float16: scale and skipped steps
+        loss_text += "".join(f"  {k} {v:g}" for k, v in scaling.items())
         logging.info(
             "step %d/%d  %s  lr %.5g  %.2f steps/s  ETA %s",
             step,
@@ -418,6 +421,7 @@ class Trainer:
             eta,
         )
         scalars = {f"losses/{k}": v for k, v in losses.items()}
+        scalars.update({f"mixed_precision/{k}": v for k, v in scaling.items()})
         scalars["learning_rate"] = lr
         if steps_per_second > 0:
             scalars["steps_per_second"] = steps_per_second
