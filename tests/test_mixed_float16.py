@@ -3,10 +3,11 @@
 Tolerances (measured, then given ~4x room):
 - ``TinyDetector`` (no sampling), initial loss scale 128 (no overflow): every one of
   20 steps' total_loss within 2e-3 relative of the float32 run (measured: 5e-4).
-- the tiny Faster R-CNN: float16 rounding changes which proposals win the top-k
-  and so which RoIs are sampled, after which the runs drift apart (measured:
-  0.1 % at step 1, up to 24 % by step 20, float16 ahead as often as behind).
-  The test pins step 1 to 1 % and both runs' last-5-step mean to 30 %.
+- the tiny Faster R-CNN (10 steps: its runs take minutes on 2 loaded cores):
+  float16 rounding changes which proposals win the top-k and so which RoIs are
+  sampled, after which the runs drift apart (measured: 0.1 % at step 1, 1 % at
+  step 5, 6 % at step 9, up to 24 % by step 20, float16 as often ahead as
+  behind). The test pins step 1 to 1 % and the last-5-step means to 30 %.
 """
 
 from __future__ import annotations
@@ -98,17 +99,17 @@ def test_overflowing_steps_are_skipped_counted_and_halve_the_scale(tmp_path):
 
 @pytest.mark.slow
 def test_faster_rcnn_mixed_float16_under_mirrored_tracks_float32(tmp_path):
-    curves = {}
+    curves, steps = {}, 10
     for policy in ("float32", "mixed_float16"):
-        config = tiny_experiment(tmp_path, train_steps=STEPS, log_every=1, checkpoint_every=1000)
+        config = tiny_experiment(tmp_path, train_steps=steps, log_every=1, checkpoint_every=1000)
         result = train(
             config, str(tmp_path / policy), strategy_name="mirrored", xla=False, mixed_precision=policy
         )
-        assert result.step == STEPS and np.isfinite(result.losses["total_loss"])
+        assert result.step == steps and np.isfinite(result.losses["total_loss"])
         curves[policy] = np.array(scalar_curve(str(tmp_path / policy / "train"), "losses/total_loss"))
     f32, f16 = curves["float32"], curves["mixed_float16"]
     np.testing.assert_allclose(f16[0], f32[0], rtol=1e-2)
     np.testing.assert_allclose(f16[-5:].mean(), f32[-5:].mean(), rtol=0.3)
-    assert f16[-5:].mean() < 0.6 * f16[0]
+    assert f16[-5:].mean() < 0.75 * f16[0]
     scale = scalar_curve(str(tmp_path / "mixed_float16" / "train"), "mixed_precision/loss_scale")
-    assert len(scale) == STEPS and min(scale) > 0
+    assert len(scale) == steps and min(scale) > 0

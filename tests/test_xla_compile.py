@@ -74,6 +74,29 @@ def worker_main(out_dir: str) -> None:
         propose(images, info)
 
 
+def test_auto_xla_is_off_on_cpu_and_says_why(caplog):
+    import logging
+
+    from absl import logging as absl_logging
+
+    from fpn_tf.training import distribute
+    from fpn_tf.training.xla_choice import AUTO_XLA, auto_xla, device_type
+
+    assert AUTO_XLA == {"CPU": False, "GPU": True, "TPU": True}
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.INFO)
+    try:
+        for name in ("one_device", "mirrored"):
+            strategy = distribute.make_strategy(name)
+            assert device_type(strategy) == "CPU"
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="absl"):
+                assert auto_xla(strategy) is False
+            assert any(m.startswith("--xla auto: off on CPU (") for m in caplog.messages), caplog.messages
+    finally:
+        absl_logging.set_verbosity(verbosity)
+
+
 @pytest.mark.slow
 def test_each_jit_function_compiles_once(tmp_path):
     dump = str(tmp_path / "xla_dump")

@@ -54,6 +54,7 @@ from fpn_tf.training.optimizer import (
     postprocess_gradients,
     weight_decay_mask,
 )
+from fpn_tf.training.xla_choice import auto_xla
 
 DatasetFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
 
@@ -460,11 +461,6 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def auto_xla() -> bool:
-    """XLA on where it pays: GPU / TPU yes; CPU no (measured slower, see README)."""
-    return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
-
-
 def faster_rcnn_model_fn(config: ExperimentConfig) -> Callable[[], keras.Model]:
     """The ``model_fn`` of ``config``: ``build_faster_rcnn(config=config.model)``."""
     return lambda: build_faster_rcnn(config=config.model)
@@ -522,7 +518,8 @@ def train(
             ``config.train`` and the result is written to ``model_dir/config.yaml``.
         strategy_name, num_gpus: see ``fpn_tf.training.distribute.make_strategy``
             (ignored when ``strategy`` is given).
-        xla: compile the per-replica step with XLA; None = ``auto_xla()``.
+        xla: compile the per-replica step with XLA; None = ``auto_xla(strategy)``
+            (per device type, see fpn_tf/training/xla_choice.py).
         mixed_precision: float32 | mixed_float16 | mixed_bfloat16.
         init_checkpoint: initial weights for a fresh run (``load_init_checkpoint``).
         model_fn, dataset_fn: default to ``build_faster_rcnn(config.model)`` and
@@ -537,7 +534,7 @@ def train(
         train_cfg = dataclasses.replace(train_cfg, batch_size=int(batch_size))
     config = dataclasses.replace(config, train=train_cfg)
     if xla is None:
-        xla = auto_xla()
+        xla = auto_xla(strategy)
     keras.utils.set_random_seed(train_cfg.seed)
     os.makedirs(model_dir, exist_ok=True)
     if distribute.is_chief(strategy):
