@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from fpn_tf.config_files import resolve_config_path
+
 
 @dataclass
 class BackboneConfig:
@@ -276,6 +278,11 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4  # not applied to frozen or normalisation parameters
     gradient_clip_norm: float = 0.0  # 0 disables
+    # mixed_float16 only: dynamic loss scaling (Keras' LossScaleOptimizer defaults). The
+    # scale halves on a step with non-finite gradients (the step is skipped) and doubles
+    # after loss_scale_growth_steps finite steps in a row.
+    initial_loss_scale: float = 32768.0
+    loss_scale_growth_steps: int = 2000
     checkpoint_every: int = 1000
     max_checkpoints_to_keep: int = 3
     log_every: int = 20
@@ -408,12 +415,14 @@ def to_dict(config: Any) -> dict:
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Loads an ExperimentConfig from a YAML file plus ``a.b=value`` overrides.
 
-    The file is parsed with ``yaml.safe_load`` (data, never code). Overrides are
-    parsed as YAML scalars/lists, e.g. ``train.batch_size=2`` or
+    ``path`` is a file or the name of a shipped config ("demo", see
+    ``fpn_tf.config_files``). The file is parsed with ``yaml.safe_load`` (data,
+    never code). Overrides are parsed as YAML scalars/lists, e.g. ``train.batch_size=2`` or
     ``model.anchors.sizes=[16,32,64,128,256]``.
     """
     values: dict = {}
     if path:
+        path = resolve_config_path(path)
         with open(path, encoding="utf-8") as f:
             loaded = yaml.safe_load(f)
         if loaded is None:

@@ -5,12 +5,14 @@
 #   3. export a SavedModel in TF Serving's layout (saved_models/demo/<version>/),
 #   4. predict on a held-out image with the SavedModel (JSON + PNG with boxes).
 # Extra arguments go to scripts/train.py (e.g. --train_steps=200 for a quick look).
+# TensorFlow comes from the extra in FPN_TF_EXTRA: cpu (default) or and-cuda (GPU machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/pip install -q -e . 2>&1 | grep -v "^WARNING: Location" || true
+FPN_TF_EXTRA=${FPN_TF_EXTRA:-cpu}
+.venv/bin/pip install -q -e ".[${FPN_TF_EXTRA}]" 2>&1 | grep -v "^WARNING: Location" || true
 PY=.venv/bin/python
 MODEL_DIR=${MODEL_DIR:-runs/demo}
 export FPN_TF_CACHE=${FPN_TF_CACHE:-$PWD/runs/cache}

@@ -4,6 +4,12 @@
     python scripts/train.py --config configs/faster_rcnn_r50_fpn_coco.yaml --model_dir runs/r50 \\
         --strategy mirrored --num_gpus 8 --init_checkpoint weights/resnet50.weights.h5
 
+Batch: ``train.batch_size`` / ``--batch_size`` is the GLOBAL batch (the paper's
+16 = 2 per GPU x 8 GPUs), split evenly over the replicas; or give
+``--batch_size_per_replica`` (the global batch follows the replica count). The
+LR is not rescaled: see docs/distributed.md. ``--config`` takes a path or the
+name of a shipped config (``--config demo``).
+
 Running it again with the same ``--model_dir`` resumes from the last checkpoint
 (weights, optimizer state and step). Ctrl-C or SIGTERM save a checkpoint first.
 Multi-worker: start one process per machine with ``--strategy multi_worker``
@@ -37,7 +43,12 @@ flags.DEFINE_enum(
     "mixed_precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"], "Keras dtype policy."
 )
 flags.DEFINE_integer("train_steps", None, "Override train.train_steps (the LR drops scale with it).")
-flags.DEFINE_integer("batch_size", None, "Override train.batch_size (global batch).")
+flags.DEFINE_integer("batch_size", None, "Override train.batch_size (GLOBAL batch, split over replicas).")
+flags.DEFINE_integer(
+    "batch_size_per_replica",
+    None,
+    "Images per replica (GPU); the global batch is this x the replicas in sync (all workers).",
+)
 flags.DEFINE_string(
     "init_checkpoint", None, "Initial weights for a fresh run (.weights.h5 or TF checkpoint)."
 )
@@ -71,6 +82,17 @@ def main(argv):
         logging.error("%s", e)
         return 2
     xla = None if FLAGS.xla == "auto" else FLAGS.xla == "true"
+    batch_size = FLAGS.batch_size
+    if FLAGS.batch_size_per_replica is not None:
+        if batch_size is not None:
+            raise app.UsageError("give --batch_size (global) or --batch_size_per_replica, not both")
+        batch_size = FLAGS.batch_size_per_replica * strategy.num_replicas_in_sync
+        logging.info(
+            "global batch %d = %d per replica x %d replicas",
+            batch_size,
+            FLAGS.batch_size_per_replica,
+            strategy.num_replicas_in_sync,
+        )
     try:
         result = train(
             config,
@@ -79,7 +101,7 @@ def main(argv):
             xla=xla,
             mixed_precision=FLAGS.mixed_precision,
             train_steps=FLAGS.train_steps,
-            batch_size=FLAGS.batch_size,
+            batch_size=batch_size,
             init_checkpoint=FLAGS.init_checkpoint,
             allow_config_change=FLAGS.allow_config_change,
         )

@@ -14,6 +14,7 @@ import keras
 import tensorflow as tf
 
 from fpn_tf.ops import roi_align
+from fpn_tf.ops.xla import jit_unless_inside_xla
 
 
 def pooled_levels(levels: list[str], min_level: int, max_level: int) -> list[str]:
@@ -54,8 +55,9 @@ def _pool(features, boxes, levels, output_size, sampling_ratio, aligned, canonic
 
 # The gathers and bilinear weights of RoIAlign fuse under XLA into one pass over the
 # RoIs: 4x faster on CPU than TF's separate gather ops, which is why the pooler
-# compiles it even inside a function that is not compiled as a whole.
-_pool_xla = tf.function(_pool, jit_compile=True, reduce_retracing=True)
+# compiles it even inside a function that is not compiled as a whole (inlined inside
+# one that is: a nested compiled call recompiled the training step every step).
+_pool_xla = jit_unless_inside_xla(_pool)
 
 
 @keras.saving.register_keras_serializable(package="fpn_tf")

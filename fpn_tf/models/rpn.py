@@ -20,6 +20,7 @@ import tensorflow as tf
 from fpn_tf.config import AnchorConfig, RPNConfig, from_dict
 from fpn_tf.ops import anchors as anchor_ops
 from fpn_tf.ops import box_coder, box_ops, losses, matcher, nms, sampler
+from fpn_tf.ops.xla import jit_unless_inside_xla
 
 
 def level_stride(level: str) -> int:
@@ -222,7 +223,8 @@ class ProposalGenerator(keras.layers.Layer):
 # Matching all anchors (~280k at 800x1333) against the padded GT is element-wise IoU
 # maths and reductions over chunks, which XLA fuses into one pass: ~3x faster on CPU
 # than TF's separate ops, with identical results. Nothing differentiable flows through.
-_match_boxes_xla = tf.function(matcher.match_boxes, jit_compile=True, reduce_retracing=True)
+# Inlined when the caller is XLA-compiled itself (see fpn_tf/ops/xla.py).
+_match_boxes_xla = jit_unless_inside_xla(matcher.match_boxes)
 
 
 def rpn_losses(

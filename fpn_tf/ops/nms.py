@@ -28,15 +28,10 @@ from __future__ import annotations
 import math
 
 import tensorflow as tf
-from tensorflow.python.framework import ops as tf_ops
-from tensorflow.python.ops import control_flow_util
+
+from fpn_tf.ops.xla import in_xla_context as _in_xla_context
 
 _METHODS = ("auto", "kernel", "tiled")
-
-
-def _in_xla_context() -> bool:
-    """True while tracing a function that XLA will compile (jit_compile=True)."""
-    return control_flow_util.GraphOrParentsInXlaContext(tf_ops.get_default_graph())
 
 
 def _check_inputs(boxes, scores, max_output_size, iou_threshold, method, tile_size):

@@ -22,7 +22,8 @@ from fpn_tf.data.pipeline import build_dataset
 from fpn_tf.models.build import build_model
 from fpn_tf.training import distribute
 from fpn_tf.training.hooks import EvaluationHook
-from fpn_tf.training.trainer import DatasetFn, Trainer, TrainResult, auto_xla
+from fpn_tf.training.trainer import DatasetFn, Trainer, TrainResult
+from fpn_tf.training.xla_choice import auto_xla
 
 # Keys a rerun of a training directory may change without --allow_config_change:
 # extending or re-pacing a run. Anything else (model, data, optimisation) is a different
@@ -155,7 +156,8 @@ def train(
             ``config.train`` and the result is written to ``model_dir/config.yaml``.
         strategy_name, num_gpus: see ``fpn_tf.training.distribute.make_strategy``
             (ignored when ``strategy`` is given).
-        xla: compile the per-replica step with XLA; None = ``auto_xla()``.
+        xla: compile the per-replica step with XLA; None = ``auto_xla(strategy)``
+            (per device type, see fpn_tf/training/xla_choice.py).
         mixed_precision: float32 | mixed_float16 | mixed_bfloat16.
         init_checkpoint: initial weights for a fresh run (``load_init_checkpoint``).
         model_fn, dataset_fn: default to ``build_model(config.model)`` and
@@ -172,7 +174,7 @@ def train(
         train_cfg = dataclasses.replace(train_cfg, batch_size=int(batch_size))
     config = dataclasses.replace(config, train=train_cfg)
     if xla is None:
-        xla = auto_xla()
+        xla = auto_xla(strategy)
     keras.utils.set_random_seed(train_cfg.seed)
     changed = check_rerun_config(config, model_dir, allow_config_change)
     logging.info(

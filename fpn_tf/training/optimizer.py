@@ -19,6 +19,13 @@ global-norm clipping sees the true global norm. Keras' own ``global_clipnorm``
 would clip each replica's partial gradient before the all-reduce, so it is not
 used; ``ReducedGradientSGD`` is Keras' SGD told that its gradients arrive
 already all-reduced.
+
+mixed_float16 uses dynamic loss scaling (``CountingLossScaleOptimizer``, Keras'
+``LossScaleOptimizer`` plus a count of the steps it skipped): the loss is
+multiplied by the scale before differentiation, the all-reduced gradients are
+checked for inf / NaN, a bad step is skipped (no update, LR schedule not
+advanced) and the scale halved; ``loss_scale_scalars`` gives the trainer the
+scale and the skip count for its log and TensorBoard.
 """
 
 from __future__ import annotations
@@ -152,8 +159,49 @@ def build_optimizer(
         nesterov=False,
     )
     if mixed_precision == "mixed_float16":
-        return keras.optimizers.LossScaleOptimizer(sgd)
+        if train.initial_loss_scale <= 0 or train.loss_scale_growth_steps < 1:
+            raise ValueError(
+                f"train.initial_loss_scale must be > 0 and train.loss_scale_growth_steps >= 1, got "
+                f"{train.initial_loss_scale} and {train.loss_scale_growth_steps}"
+            )
+        return CountingLossScaleOptimizer(
+            sgd,
+            initial_scale=train.initial_loss_scale,
+            dynamic_growth_steps=train.loss_scale_growth_steps,
+        )
     return sgd
+
+
+@keras.saving.register_keras_serializable(package="fpn_tf")
+class CountingLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+    """Keras' dynamic ``LossScaleOptimizer`` that also counts the steps it skipped.
+
+    ``skipped_steps`` (int variable, part of the optimizer's checkpointed state) is
+    incremented with the halving of the scale, in Keras' own non-finite branch,
+    so it counts exactly the steps whose update was dropped, under every
+    tf.distribute strategy (the branch runs once per replica copy, as for
+    ``dynamic_scale``, so every copy holds the same count).
+    """
+
+    def build(self, var_list):
+        self.skipped_steps = self.add_variable(
+            shape=(), dtype="int", initializer="zeros", aggregation="none", name="skipped_steps"
+        )
+        super().build(var_list)
+
+    def _stateful_handle_non_finite_grads(self):
+        self.skipped_steps.assign_add(1)
+        super()._stateful_handle_non_finite_grads()
+
+
+def loss_scale_scalars(optimizer: keras.optimizers.Optimizer) -> dict[str, float]:
+    """{"loss_scale", "skipped_steps"} of a loss-scaling optimizer, {} for any other."""
+    if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer) or not optimizer.built:
+        return {}
+    out = {"loss_scale": float(optimizer.dynamic_scale.numpy())}
+    if hasattr(optimizer, "skipped_steps"):
+        out["skipped_steps"] = float(optimizer.skipped_steps.numpy())
+    return out
 
 
 def is_normalization_layer(layer: keras.layers.Layer) -> bool:

@@ -60,6 +60,7 @@ from fpn_tf.training.input_state import InputState
 from fpn_tf.training.optimizer import (
     MIXED_PRECISION_POLICIES,
     build_optimizer,
+    loss_scale_scalars,
     postprocess_gradients,
     weight_decay_mask,
 )
@@ -309,10 +310,8 @@ class Trainer:
         return int(self.step.numpy())
 
     def extra_scalars(self) -> dict[str, float]:
-        """Scalars beside the losses in TensorBoard (the loss scale under mixed_float16)."""
-        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            return {"loss_scale": float(self.optimizer.dynamic_scale)}
-        return {}
+        """Scalars beside the losses (mixed_float16: the loss scale and the skipped steps)."""
+        return {f"mixed_precision/{k}": v for k, v in loss_scale_scalars(self.optimizer).items()}
 
     def default_hooks(self) -> list[Hook]:
         return [
@@ -386,8 +385,3 @@ class Trainer:
             rate,
             stopped_early=self._stop_reason is not None,
         )
-
-
-def auto_xla() -> bool:
-    """XLA on where it pays: GPU / TPU yes; CPU no (measured slower, see README)."""
-    return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
