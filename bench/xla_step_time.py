@@ -3,14 +3,14 @@
     python bench/xla_step_time.py                         # the demo config, 20 steps a run
     python bench/xla_step_time.py --strategies=mirrored --precisions=mixed_bfloat16 --steps=30
 
-Each run is ``fpn_tf.training.trainer.train`` in its own process (a fresh model
+Each run is ``fpn_tf.training.experiment.train`` in its own process (a fresh model
 dir; ``mirrored`` splits the CPU into ``--num_cpu_devices`` logical devices, which
 must happen before TensorFlow starts). The rate is the trainer's own
 ``TrainResult.steps_per_second``: steps after the first (the first traces and
 compiles), over their wall time. For each (strategy, precision) the XLA and
 non-XLA runs alternate, ``--repeats`` times, with the order rotated, so load
 from other work on the machine hits both; the table shows medians and the
-ratio XLA / no XLA. The numbers behind ``fpn_tf.training.trainer.AUTO_XLA``
+ratio XLA / no XLA. The numbers behind ``fpn_tf.training.xla_choice``
 and docs/distributed.md come from this script.
 """
 

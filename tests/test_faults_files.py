@@ -10,11 +10,11 @@ import zipfile
 import numpy as np
 import pytest
 
+from fpn_tf.checkpoints import load_init_checkpoint
 from fpn_tf.config import BackboneConfig
 from fpn_tf.models.resnet import build_resnet
 from fpn_tf.models.weights_keras_applications import check_h5_file, read_keras_h5
 from fpn_tf.models.weights_torchvision import WeightImportError, read_state_dict
-from fpn_tf.training.trainer import load_init_checkpoint
 
 
 def _sha(path) -> str:

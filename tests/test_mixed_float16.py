@@ -21,7 +21,8 @@ import tensorflow as tf
 from test_training import dataset_fn_for, make_model, tiny_examples, tiny_experiment, train_config
 
 from fpn_tf.training import distribute
-from fpn_tf.training.trainer import Trainer, train
+from fpn_tf.training.experiment import train
+from fpn_tf.training.trainer import Trainer
 
 STEPS = 20
 
