@@ -50,7 +50,7 @@ def worker(spec: str) -> None:
         distribute.configure_logical_cpus(FLAGS.num_cpu_devices)
     strategy = distribute.make_strategy(strategy_name)
     from fpn_tf.config import load_config
-    from fpn_tf.training.trainer import train
+    from fpn_tf.training.experiment import train
 
     config = load_config(FLAGS.config, FLAGS.override)
     with tempfile.TemporaryDirectory() as model_dir:
