@@ -498,6 +498,7 @@ def test_train_then_evaluate_faster_rcnn(tmp_path):
         "ckpt-3.data-00000-of-00001",
         "ckpt-3.index",
         "config.yaml",
+        "input_state",
         "label_map.json",
         "train",
     ]
