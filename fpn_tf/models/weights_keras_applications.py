@@ -159,6 +159,9 @@ def load_keras_applications_backbone(
       FileNotFoundError naming the file and where to get it; WeightImportError
       naming missing / unexpected layers and shape mismatches (nothing is
       assigned then).
+
+    Long because it walks the file's layers once, mapping and checking each in place
+    (the error for a mismatch names the layer being read).
     """
     resnet = _find_resnet(model_or_backbone)
     names = {layer.name for layer in resnet.layers}

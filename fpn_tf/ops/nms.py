@@ -77,7 +77,11 @@ def _descending_order(scores: tf.Tensor) -> tf.Tensor:
 
 
 def _nms_tiled(boxes, scores, max_output_size, iou_threshold, score_threshold, tile_size=512):
-    """Exact greedy NMS by tiles; returns indices [B, M] into the input and valid [B, M]."""
+    """Exact greedy NMS by tiles; returns indices [B, M] into the input and valid [B, M].
+
+    One function on purpose: the tiled suppression loop body and its carried state are
+    one XLA while_loop; splitting it would only move the loop state between helpers.
+    """
     batch = tf.shape(boxes)[0]
     num_boxes = tf.shape(boxes)[1]
     m = max_output_size

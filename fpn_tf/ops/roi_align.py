@@ -193,6 +193,8 @@ def multilevel_roi_align(
 
     Returns:
       [B, N, S, S, C], dtype of the features (computed in float32).
+
+    Long by its docstring: the flattened multi-level gather is a few steps in sequence.
     """
     _check_args(output_size, sampling_ratio)
     levels = list(range(min_level, max_level + 1))

@@ -69,6 +69,8 @@ def sample_balanced(
         sampled negatives, then 0 in unfilled slots.
       sampled_labels: ``[B, S]`` int32, 1 / 0 for sampled positives /
         negatives, -1 for unfilled slots (not enough candidates).
+
+    Long by its docstring and argument checks; the sampling itself is a dozen lines.
     """
     num_samples = int(num_samples)
     if num_samples < 1:

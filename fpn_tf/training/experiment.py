@@ -134,6 +134,16 @@ def train_dataset_fn(config: ExperimentConfig, model_dir: str | None = None, chi
     return dataset_fn
 
 
+def with_train_overrides(config: ExperimentConfig, train_steps: int | None, batch_size: int | None):
+    """``config`` with ``train.train_steps`` / ``train.batch_size`` replaced where given."""
+    train_cfg = config.train
+    if train_steps is not None:
+        train_cfg = dataclasses.replace(train_cfg, train_steps=int(train_steps))
+    if batch_size is not None:
+        train_cfg = dataclasses.replace(train_cfg, batch_size=int(batch_size))
+    return dataclasses.replace(config, train=train_cfg)
+
+
 def train(
     config: ExperimentConfig,
     model_dir: str,
@@ -164,27 +174,21 @@ def train(
             ``build_dataset(config.data, ...)`` on the train split.
         allow_config_change: resume a ``model_dir`` whose ``config.yaml`` differs
             from ``config`` in more than RERUN_FREE_KEYS (``check_rerun_config``).
+
+    Its length is the argument list and this docstring; the body is the wiring in order.
     """
     if strategy is None:
         strategy = distribute.make_strategy(strategy_name, num_gpus=num_gpus)
+    config = with_train_overrides(config, train_steps, batch_size)
     train_cfg = config.train
-    if train_steps is not None:
-        train_cfg = dataclasses.replace(train_cfg, train_steps=int(train_steps))
-    if batch_size is not None:
-        train_cfg = dataclasses.replace(train_cfg, batch_size=int(batch_size))
-    config = dataclasses.replace(config, train=train_cfg)
     if xla is None:
         xla = auto_xla(strategy)
     keras.utils.set_random_seed(train_cfg.seed)
     changed = check_rerun_config(config, model_dir, allow_config_change)
     logging.info(
         "training %d steps, global batch %d on %d replica(s) (%s), xla=%s, %s",
-        train_cfg.train_steps,
-        train_cfg.batch_size,
-        strategy.num_replicas_in_sync,
-        type(strategy).__name__,
-        xla,
-        mixed_precision,
+        *(train_cfg.train_steps, train_cfg.batch_size, strategy.num_replicas_in_sync),
+        *(type(strategy).__name__, xla, mixed_precision),
     )
     try:
         trainer = Trainer(
@@ -200,8 +204,8 @@ def train(
         if not changed:
             raise
         raise ConfigError(
-            f"{model_dir} holds a run whose variables do not fit the changed config "
-            f"({', '.join(changed)}); nothing was changed in {model_dir}. Train into a new model_dir. {e}"
+            f"{model_dir} holds a run whose variables do not fit the changed config ({', '.join(changed)}); "
+            f"nothing was changed in {model_dir}. Train into a new model_dir. {e}"
         ) from None
     # Only now, with the checkpoint known to fit, the directory's record is (re)written.
     if trainer.is_chief:
