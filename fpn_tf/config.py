@@ -257,7 +257,7 @@ class DataConfig:
     synthetic_seed: int = 0
     shuffle_buffer: int = 256
     # A training image that cannot be read or decoded: "skip" leaves it out (logged
-    # with its path, counted by pipeline.skipped_images()); "error" stops naming it.
+    # with its path, counted by image_reading.skipped_images()); "error" stops naming it.
     # Evaluation images are always fatal: skipping one would silently change the AP.
     bad_image_policy: str = "skip"  # skip | error
 

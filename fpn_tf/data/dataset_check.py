@@ -110,7 +110,7 @@ def _check_annotations(data: dict, entries: dict, report: DatasetReport) -> None
 
 def _decoded_sizes(paths: list[str]) -> list[tuple[int, int] | None]:
     """(h, w) of each decoded image, None where it cannot be read or decoded."""
-    from fpn_tf.data.pipeline import _decoded_or_flag  # the training pipeline's decode
+    from fpn_tf.data.image_reading import _decoded_or_flag  # the training pipeline's decode
 
     if not paths:
         return []

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
-import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -38,12 +36,12 @@ from pycocotools.coco import COCO
 from fpn_tf.config import DataConfig, InputConfig
 from fpn_tf.data import preprocess
 from fpn_tf.data.coco_json import ImageRecord, load_coco, records_from_coco
+from fpn_tf.data.image_reading import decode_images, skipped_images  # noqa: F401  (re-exported)
 from fpn_tf.data.label_map import LabelMap
 from fpn_tf.data.masks import crop_masks
 from fpn_tf.data.synthetic import default_synthetic_dir, write_synthetic_coco
 
 AUTOTUNE = tf.data.AUTOTUNE
-_LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -153,111 +151,6 @@ def mask_fn(records: list[ImageRecord], mask_size: int, max_boxes: int) -> Calla
     return fn
 
 
-def _dense(t):
-    return t.to_tensor() if isinstance(t, tf.RaggedTensor) else t
-
-
-def _read_image(element: dict, image: tf.Tensor | None = None) -> dict:
-    """A records_dataset element -> ``{"image", "image_id", "boxes", "classes"}``.
-
-    ``image``: the already decoded picture (``decode_images``); None reads ``element["path"]``.
-    """
-    if image is None:
-        image = preprocess.decode_image(tf.io.read_file(element["path"]))
-    check = tf.debugging.Assert(
-        tf.reduce_all(tf.equal(tf.shape(image)[:2], element["hw"])),
-        ["the decoded image size differs from the height/width in the annotations:", element["path"]],
-    )
-    with tf.control_dependencies([check]):
-        image = tf.identity(image)
-    return {
-        "image": image,
-        "image_id": element["image_id"],
-        "boxes": tf.reshape(_dense(element["boxes"]), [-1, 4]),
-        "classes": tf.reshape(_dense(element["classes"]), [-1]),
-    }
-
-
-# ------------------------------------------------------------ undecodable images
-_SKIPPED: dict[str, int] = {}  # path -> times skipped in this process
-_SKIPPED_LOCK = threading.Lock()
-
-
-def skipped_images() -> dict[str, int]:
-    """``{path: times skipped}`` of the training images this process could not read or decode."""
-    with _SKIPPED_LOCK:
-        return dict(_SKIPPED)
-
-
-def _report_skipped(path) -> bool:
-    path = path.numpy().decode("utf-8", "replace")
-    with _SKIPPED_LOCK:
-        _SKIPPED[path] = _SKIPPED.get(path, 0) + 1
-        total = len(_SKIPPED)
-    _LOG.warning(
-        "skipping training image %s: it cannot be read or decoded (%d bad image(s) so far; "
-        "data.bad_image_policy=error stops instead; scripts/check_dataset.py lists them all)",
-        path,
-        total,
-    )
-    return False
-
-
-def _decoded_or_flag(path: tf.Tensor) -> tf.data.Dataset:
-    """One ``(image uint8 [h, w, 3], ok)``: the decoded file, or an empty image and False.
-
-    TensorFlow has no in-graph try/except: the decode runs in a one-element dataset
-    whose error ``ignore_errors`` turns into an empty dataset, and a fallback
-    element then takes its place. The nested dataset costs about 1 ms per image on
-    2 CPU cores (256-px PNGs: 0.7 s instead of 0.4 s per 400 images), hidden by the
-    parallel interleave and prefetch behind a training step.
-    """
-    decoded = (
-        tf.data.Dataset.from_tensors(path)
-        .map(lambda p: (preprocess.decode_image(tf.io.read_file(p)), tf.constant(True)))
-        .ignore_errors()
-    )
-    failed = tf.data.Dataset.from_tensors((tf.zeros([0, 0, 3], tf.uint8), tf.constant(False)))
-    return decoded.concatenate(failed).take(1)
-
-
-def decode_images(ds: tf.data.Dataset, policy: str, masks_of: Callable | None = None) -> tf.data.Dataset:
-    """records_dataset elements -> ``_read_image`` examples, applying ``data.bad_image_policy``.
-
-    ``masks_of(element)`` (``mask_fn``), when given, adds the element's ``gt_masks``.
-
-    ``policy``: "skip" leaves out an image that cannot be read or decoded, logging
-    its path (``skipped_images`` counts them); "error" fails naming its path. The
-    order of the remaining elements is kept. A decoded size that differs from the
-    annotations stays an error naming the path under both policies.
-    """
-    if policy not in ("skip", "error"):
-        raise ValueError(f"data.bad_image_policy must be skip or error, got {policy!r}")
-
-    def load(element):
-        return tf.data.Dataset.zip(tf.data.Dataset.from_tensors(element), _decoded_or_flag(element["path"]))
-
-    ds = ds.interleave(load, cycle_length=16, num_parallel_calls=AUTOTUNE, deterministic=True)
-    if policy == "skip":
-        ds = ds.filter(
-            lambda element, decoded: tf.cond(
-                decoded[1],
-                lambda: tf.constant(True),
-                lambda: tf.py_function(_report_skipped, [element["path"]], tf.bool),
-            )
-        )
-
-    def read(element, decoded):
-        image, ok = decoded
-        check = tf.debugging.Assert(ok, ["could not read or decode image:", element["path"]])
-        with tf.control_dependencies([check]):
-            image = tf.identity(image)
-        example = _read_image(element, image)
-        return {**example, **masks_of(element)} if masks_of is not None else example
-
-    return ds.map(read, num_parallel_calls=AUTOTUNE)
-
-
 def make_preprocess_fn(
     input_config: InputConfig,
     training: bool,
@@ -342,6 +235,61 @@ def _batch(ds: tf.data.Dataset, batch_size: int, training: bool, single_shape: b
     )
 
 
+def _tfds_source(
+    data: DataConfig, input_config: InputConfig, split: str, training: bool, input_context, seed
+):
+    """(unbatched examples, DatasetInfo, padded sizes) of a tfds COCO split."""
+    import tensorflow_datasets as tfds  # slow to import; only this source needs it
+
+    from fpn_tf.data.tfds_coco import check_tfds_masks, load_tfds_coco, tfds_coco_ground_truth
+
+    if input_config.mask_size > 0:
+        check_tfds_masks(data.tfds_name, data.tfds_data_dir or None)
+    tfds_split = data.train_split if split == "train" else data.eval_split
+    read_config = tfds.ReadConfig(input_context=input_context, shuffle_seed=seed)
+    ds, label_map, num_examples = load_tfds_coco(
+        tfds_split,
+        data.tfds_data_dir or None,
+        data.tfds_download,
+        data.tfds_name,
+        read_config=read_config,
+        shuffle_files=training,
+    )
+    padded_hw = {o: preprocess.fixed_padded_hw(input_config, portrait=o) for o in (False, True)}
+    info = DatasetInfo(
+        label_map,
+        num_examples,
+        coco_gt_fn=lambda: tfds_coco_ground_truth(
+            tfds_split, data.tfds_data_dir or None, data.tfds_download, data.tfds_name
+        ),
+    )
+    return ds, info, padded_hw
+
+
+def _coco_json_records_source(data: DataConfig, input_config: InputConfig, split: str, input_context):
+    """(records dataset, DatasetInfo, padded sizes, masks_of or None) of a COCO-JSON split
+    (the synthetic source is a COCO-JSON folder too), sharded over input pipelines."""
+    with_masks = input_config.mask_size > 0
+    image_dir, annotation_path = _coco_json_source(data, split)
+    coco = load_coco(annotation_path)
+    records, label_map, _stats = records_from_coco(coco, image_dir, with_masks=with_masks)
+    if not records:
+        raise ValueError(f"{annotation_path} lists no images")
+    masks_of = mask_fn(records, input_config.mask_size, input_config.max_gt_boxes) if with_masks else None
+    padded_hw = records_padded_hw(records, input_config)
+    ds = records_dataset(records)
+    if input_context and input_context.num_input_pipelines > 1:
+        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    info = DatasetInfo(
+        label_map,
+        len(records),
+        annotation_path=annotation_path,
+        image_dir=image_dir,
+        coco_gt_fn=lambda: coco,
+    )
+    return ds, info, padded_hw, masks_of
+
+
 def build_dataset(
     data: DataConfig,
     input_config: InputConfig,
@@ -378,53 +326,12 @@ def build_dataset(
     pipeline_id = input_context.input_pipeline_id if input_context else 0
     if not isinstance(input_config.mask_size, int) or input_config.mask_size < 0:
         raise ValueError(f"input.mask_size must be an int >= 0 (0: no masks), got {input_config.mask_size!r}")
-    with_masks = input_config.mask_size > 0
     masks_of = None
 
     if data.source == "tfds":
-        import tensorflow_datasets as tfds  # slow to import; only this source needs it
-
-        from fpn_tf.data.tfds_coco import check_tfds_masks, load_tfds_coco, tfds_coco_ground_truth
-
-        if with_masks:
-            check_tfds_masks(data.tfds_name, data.tfds_data_dir or None)
-        tfds_split = data.train_split if split == "train" else data.eval_split
-        read_config = tfds.ReadConfig(input_context=input_context, shuffle_seed=seed)
-        ds, label_map, num_examples = load_tfds_coco(
-            tfds_split,
-            data.tfds_data_dir or None,
-            data.tfds_download,
-            data.tfds_name,
-            read_config=read_config,
-            shuffle_files=training,
-        )
-        padded_hw = {o: preprocess.fixed_padded_hw(input_config, portrait=o) for o in (False, True)}
-        info = DatasetInfo(
-            label_map,
-            num_examples,
-            coco_gt_fn=lambda: tfds_coco_ground_truth(
-                tfds_split, data.tfds_data_dir or None, data.tfds_download, data.tfds_name
-            ),
-        )
+        ds, info, padded_hw = _tfds_source(data, input_config, split, training, input_context, seed)
     else:
-        image_dir, annotation_path = _coco_json_source(data, split)
-        coco = load_coco(annotation_path)
-        records, label_map, _stats = records_from_coco(coco, image_dir, with_masks=with_masks)
-        if not records:
-            raise ValueError(f"{annotation_path} lists no images")
-        if with_masks:
-            masks_of = mask_fn(records, input_config.mask_size, input_config.max_gt_boxes)
-        padded_hw = records_padded_hw(records, input_config)
-        ds = records_dataset(records)
-        if input_context and input_context.num_input_pipelines > 1:
-            ds = ds.shard(input_context.num_input_pipelines, pipeline_id)
-        info = DatasetInfo(
-            label_map,
-            len(records),
-            annotation_path=annotation_path,
-            image_dir=image_dir,
-            coco_gt_fn=lambda: coco,
-        )
+        ds, info, padded_hw, masks_of = _coco_json_records_source(data, input_config, split, input_context)
 
     single_shape = len(set(padded_hw.values())) == 1
     info.padded_hw = tuple(sorted(set(padded_hw.values())))
