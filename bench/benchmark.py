@@ -23,6 +23,15 @@ from other work on the machine hits all of them alike. After ``--warmup`` calls
 (plus the first, tracing / compiling call) each configuration is timed
 ``--repeats`` times; the table shows medians. FLOPs come from TF's op statistics
 on the traced graph and from ``torch.utils.flop_counter`` (2 FLOPs per MAC).
+
+The machine is recorded with the results: CPU model, the ISA features that decide
+the kernels (avx2, avx512f, avx512_bf16, amx_bf16 / amx_tile from /proc/cpuinfo),
+and the load average before and after. With ``--measure_peak`` (the default) a
+separate process measures TensorFlow's float32 and bfloat16 matmul and conv
+GFLOP/s (``bench/peak.py``) before the groups and once per repeat round inside each
+group, so each configuration's GMAC/s is also reported as a fraction of the peak
+measured under the same load (``of f32 peak``: the median of the group's
+float32-conv samples; bfloat16 configurations also against the bfloat16 conv peak).
 Results are printed as a table and written as JSON (``--output``).
 """
 
@@ -48,6 +57,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from bench import workloads  # noqa: E402
+from bench.peak import summarise as summarise_peak  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("tasks", ["inference", "train"], "inference and/or train")
@@ -75,6 +85,7 @@ flags.DEFINE_bool("isolate", True, "one process per configuration (separate peak
 flags.DEFINE_integer("intra_op_threads", 0, "threads per op (0: the cores this process may use)")
 flags.DEFINE_integer("inter_op_threads", 1, "ops run concurrently (TF and torch)")
 flags.DEFINE_bool("count_flops", True, "count FLOPs of each configuration")
+flags.DEFINE_bool("measure_peak", True, "measure this machine's matmul / conv peak in the same run")
 flags.DEFINE_string("output", "benchmark_results.json", "where the JSON results go")
 
 
@@ -232,11 +243,17 @@ def export_models(impls: set[str], model_config: dict, export_base: str) -> dict
     return paths
 
 
-def run_group(group: Group, model_config: dict, saved_models: dict[str, str]) -> list[dict]:
-    """Sets up every configuration of a group, then times them alternately."""
+def run_group(
+    group: Group, model_config: dict, saved_models: dict[str, str], peak: Worker | None = None
+) -> list[dict]:
+    """Sets up every configuration of a group, then times them alternately.
+
+    ``peak``: a peak-meter worker, asked once per repeat round (after the round's
+    configurations), so the group's peak is measured under the group's load.
+    """
     repeats = 1 if FLAGS.tiny else FLAGS.repeats
     warmup = 0 if FLAGS.tiny else FLAGS.warmup
-    results, workers = [], []
+    results, workers, peak_samples = [], [], []
     try:
         for impl in group.impls:
             spec = {
@@ -263,6 +280,8 @@ def run_group(group: Group, model_config: dict, saved_models: dict[str, str]) ->
                 reply = workers[k].ask("run")
                 results[k]["times_s"].append(reply["seconds"])
                 results[k]["cpu_times_s"].append(reply["cpu_seconds"])
+            if peak is not None:
+                peak_samples.append(peak.ask("peak")["rates"])
         for worker, result in zip(workers, results):
             result.update(worker.ask("finish"))
     finally:
@@ -292,7 +311,27 @@ def run_group(group: Group, model_config: dict, saved_models: dict[str, str]) ->
         result["gflops_per_s"] = result["flops"] / result["median_s"] / 1e9 if result["flops"] else None
         result["vs_torchvision"] = result["median_s"] / peer["median_s"] if peer else None
         result["rss_vs_torchvision"] = result["peak_rss_mb"] / peer["peak_rss_mb"] if peer else None
+        add_peak_fractions(result, peak_samples)
     return results
+
+
+def add_peak_fractions(result: dict, peak_samples: list[dict]) -> None:
+    """GMAC/s, the group's measured peaks and the fractions of them (None without)."""
+    rate = result["gflops_per_s"]
+    result["gmacs_per_s"] = rate / 2 if rate else None
+    result["peak_gflops_samples"] = peak_samples
+    group_peak = (
+        {key: statistics.median(s[key] for s in peak_samples) for key in peak_samples[0]}
+        if peak_samples
+        else {}
+    )
+    result["group_peak_gflops"] = group_peak or None
+    f32, bf16 = group_peak.get("float32_conv"), group_peak.get("bfloat16_conv")
+    result["of_f32_conv_peak"] = rate / f32 if rate and f32 else None
+    result["of_bf16_conv_peak"] = rate / bf16 if rate and bf16 else None
+
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def machine_info() -> dict:
@@ -320,9 +359,7 @@ def machine_info() -> dict:
     return {
         "cpu": cpu,
         "cores": len(os.sched_getaffinity(0)),
-        "isa": sorted(
-            f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags_seen
-        ),
+        "isa": sorted(f for f in ISA_FLAGS if f in flags_seen),
         "memory_gb": memory_gb,
         "python": platform.python_version(),
         "versions": versions,
@@ -332,7 +369,8 @@ def machine_info() -> dict:
 def format_table(results: list[dict]) -> str:
     header = (
         f"{'group':28s} {'impl':17s} {'median s':>9s} {'s/image':>8s} {'min s':>8s} {'cpu s':>7s} "
-        f"{'vs tv':>6s} {'GFLOP':>8s} {'GFLOP/s':>8s} {'peak MB':>8s} {'mem vs tv':>9s}"
+        f"{'vs tv':>6s} {'GFLOP':>8s} {'GFLOP/s':>8s} {'GMAC/s':>7s} {'f32 pk':>6s} {'peak MB':>8s} "
+        f"{'mem vs tv':>9s}"
     )
     lines = [header, "-" * len(header)]
     for r in results:
@@ -345,7 +383,8 @@ def format_table(results: list[dict]) -> str:
             f"{group:28s} {r['impl']:17s} {r['median_s']:9.3f} {r['per_image_s']:8.3f} {r['min_s']:8.3f} "
             f"{r['median_cpu_s']:7.2f} "
             f"{fmt(r['vs_torchvision'], '6.2f'):>6s} {fmt(r['flops'] and r['flops'] / 1e9, '8.1f'):>8s} "
-            f"{fmt(r['gflops_per_s'], '8.1f'):>8s} {r['peak_rss_mb']:8.0f} "
+            f"{fmt(r['gflops_per_s'], '8.1f'):>8s} {fmt(r.get('gmacs_per_s'), '7.1f'):>7s} "
+            f"{fmt(r.get('of_f32_conv_peak'), '6.0%'):>6s} {r['peak_rss_mb']:8.0f} "
             f"{fmt(r['rss_vs_torchvision'], '9.2f'):>9s}"
         )
     return "\n".join(lines)
@@ -380,8 +419,23 @@ def main(argv):
         "inter_op_threads": FLAGS.inter_op_threads,
         "model_config": model_config,
     }
+    machine = meta["machine"]
+    print(
+        f"{machine['cpu']}, {machine['cores']} cores, ISA {' '.join(machine['isa']) or '-'}; "
+        f"load average {meta['load_average_before'][0]:.2f}",
+        flush=True,
+    )
     results, errors = [], []
     export_base = tempfile.mkdtemp(prefix="fpn_tf_bench_")
+    peak = None
+    if FLAGS.measure_peak:
+        peak = Worker({**base_spec(model_config), "impl": "peak", "task": "peak"}, FLAGS.isolate)
+        meta["peak_gflops_start"] = [peak.ask("peak")["rates"] for _ in range(2)]
+        print(
+            "measured peak GFLOP/s: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in summarise_peak(meta["peak_gflops_start"]).items()),
+            flush=True,
+        )
     try:
         needed = {impl for g in groups for impl in g.impls if impl.startswith("saved_model")}
         try:
@@ -395,7 +449,7 @@ def main(argv):
         for group in groups:
             print(f"{group.name}: {', '.join(group.impls)}", flush=True)
             try:
-                group_results = run_group(group, model_config, saved_models)
+                group_results = run_group(group, model_config, saved_models, peak)
                 results.extend(group_results)
                 print(format_table(group_results), flush=True)
             except RuntimeError as e:
@@ -403,12 +457,22 @@ def main(argv):
                 print(f"{group.name} failed:\n{e}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(export_base, ignore_errors=True)
+        if peak is not None:
+            peak.close()
+    # Every row of a group carries the group's samples: duplicates do not change a max.
+    samples = meta.get("peak_gflops_start", []) + [
+        s for r in results for s in r.get("peak_gflops_samples") or []
+    ]
+    meta["peak_gflops"] = summarise_peak(samples) if samples else None
     meta["load_average_after"] = list(os.getloadavg())
     meta["wall_s"] = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
     if results:
         print("\nall groups:\n" + format_table(results))
     before, after = meta["load_average_before"][0], meta["load_average_after"][0]
-    machine = meta["machine"]
+    if meta["peak_gflops"]:
+        print(
+            "best measured peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in meta["peak_gflops"].items())
+        )
     print(
         f"\nload average before {before:.2f}, after {after:.2f}; {machine['cores']} cores, {machine['cpu']}"
     )

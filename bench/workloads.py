@@ -300,8 +300,9 @@ def export_for_benchmark(model_config: dict, compute_dtype: str, export_base: st
 def worker_main(conn, spec: dict) -> None:
     """Process entry point: one workload, driven by commands over ``conn``.
 
-    Commands: ("setup",), ("run",), ("finish",) and ("export", model_config, dtype,
-    base); the process ends after "finish", "export" or an error. Every reply is a
+    Commands: ("setup",), ("run",), ("finish",), ("export", model_config, dtype,
+    base) and ("peak",) (a peak-meter process: bench/peak.py's four rates, repeatable);
+    the process ends after "finish", "export" or an error. Every reply is a
     dict; {"error": traceback} when a command failed.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -322,6 +323,13 @@ def worker_main(conn, spec: dict) -> None:
                 cpu = time.process_time()
                 seconds = workload.run()
                 conn.send({"seconds": seconds, "cpu_seconds": time.process_time() - cpu})
+            elif command[0] == "peak":  # this machine's matmul / conv GFLOP/s (bench/peak.py)
+                if workload is None:
+                    from bench.peak import PeakMeter
+
+                    configure_threads(spec)
+                    workload = PeakMeter()
+                conn.send({"rates": workload.measure()})
             elif command[0] == "export":
                 configure_threads(spec)
                 conn.send({"path": export_for_benchmark(*command[1:])})

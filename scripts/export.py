@@ -9,6 +9,11 @@ trainer's ``tf.train.Checkpoint(model=...)``; optimizer state is ignored) and it
 ``--label_map`` say otherwise. Without ``--model_dir`` the model is freshly built
 from ``--config`` (random weights: for trying the serving path).
 See docs/serving.md for serving the result.
+
+``--compute_dtype`` (default ``auto``): bfloat16 compute where the exporting CPU
+has AVX512-BF16 or AMX, float32 otherwise (``fpn_tf.export.precision``); the
+choice and the reason are written to ``assets/serving_precision.json``.
+``--compute_dtype=float32`` exports float32 for servers without bfloat16 units.
 """
 
 from __future__ import annotations
@@ -37,15 +42,28 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_integer("full_image_max_pixels", 1024 * 1024, "Cap on original h * w for detection_masks_image.")
 flags.DEFINE_string("label_map", None, "Label map JSON (default: <model_dir>/label_map.json, else identity).")
+flags.DEFINE_enum(
+    "compute_dtype",
+    "auto",
+    ["auto", "float32", "mixed_bfloat16"],
+    "Served compute dtype; auto: mixed_bfloat16 on CPUs with AVX512-BF16 or AMX, else float32.",
+)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import dataclasses
+
     from fpn_tf.export import saved_model
+    from fpn_tf.export.precision import resolve_serving_dtype
 
     start = time.perf_counter()
     config = saved_model.experiment_config(FLAGS.model_dir, FLAGS.config, FLAGS.override)
+    # float32 variables either way: the checkpoint restores into a bfloat16-compute model.
+    compute_dtype, reason = resolve_serving_dtype(FLAGS.compute_dtype)
+    config.model = dataclasses.replace(config.model, compute_dtype=compute_dtype)
+    logging.info("serving compute dtype %s (%s)", compute_dtype, reason)
     model = saved_model.restore_model(config.model, FLAGS.model_dir)
     label_map = saved_model.default_label_map(FLAGS.model_dir, FLAGS.label_map)
     if FLAGS.model_dir is None:
@@ -65,9 +83,13 @@ def main(argv):
         max_image_pixels=FLAGS.max_image_pixels,
         full_image_masks=FLAGS.full_image_masks,
         full_image_max_pixels=FLAGS.full_image_max_pixels,
+        precision_reason=reason,
     )
     done = time.perf_counter()
-    print(f"exported {path} (build/restore {built - start:.1f} s, export {done - built:.1f} s)")
+    print(
+        f"exported {path} ({compute_dtype}: {reason}; "
+        f"build/restore {built - start:.1f} s, export {done - built:.1f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -44,6 +44,11 @@ def test_tiny_benchmark_in_one_process_covers_every_variant(tmp_path):
     report = _run(tmp_path, *args)
     assert report["errors"] == []
     assert report["meta"]["repeats"] == 1 and report["meta"]["machine"]["cores"] >= 1
+    # The machine's ISA and its measured matmul / conv peak are part of the report.
+    assert isinstance(report["meta"]["machine"]["isa"], list)
+    peaks = report["meta"]["peak_gflops"]
+    assert set(peaks) == {"float32_matmul", "float32_conv", "bfloat16_matmul", "bfloat16_conv"}
+    assert all(v > 0 for v in peaks.values())
     rows = {(r["task"], r["impl"]): r for r in report["results"]}
     expected = {
         ("inference", "keras"),
@@ -59,6 +64,8 @@ def test_tiny_benchmark_in_one_process_covers_every_variant(tmp_path):
         assert len(row["times_s"]) == 1 and row["median_s"] > 0
         assert row["flops"] > 0 and row["gflops_per_s"] > 0
         assert row["peak_rss_mb"] > 0
+        assert row["gmacs_per_s"] == row["gflops_per_s"] / 2
+        assert 0 < row["of_f32_conv_peak"] and row["group_peak_gflops"]["float32_conv"] > 0
     assert rows[("inference", "keras_bf16")]["compute_dtype"] == "mixed_bfloat16"
     assert rows[("inference", "keras")]["network_input"] == [128, 128]
     # bfloat16 and the SavedModel run the same graph as the Keras model: same FLOPs.

@@ -37,6 +37,30 @@ def test_frozen_batch_norm_matches_formula():
     np.testing.assert_array_equal(layer.moving_mean.numpy(), mean)
 
 
+def test_frozen_batch_norm_fused_op_only_where_no_gradient_is_needed():
+    # Inference and frozen layers: FusedBatchNormV3 (grappler folds it into the conv);
+    # a trainable layer in training: multiply + add (no saved activation for the gradient).
+    x = tf.ones((1, 4, 4, 8))
+    layer = FrozenBatchNorm()
+    layer.build(x.shape)
+
+    def op_types(training):
+        graph = tf.function(lambda t: layer(t, training=training)).get_concrete_function(x).graph
+        return {op.type for op in graph.get_operations()}
+
+    assert "FusedBatchNormV3" in op_types(False)
+    assert "FusedBatchNormV3" not in op_types(True)
+    layer.trainable = False
+    assert "FusedBatchNormV3" in op_types(True)
+    # Rank other than 4: always multiply + add.
+    flat = FrozenBatchNorm()
+    flat.build((None, 8))
+    assert "FusedBatchNormV3" not in {
+        op.type
+        for op in tf.function(lambda t: flat(t)).get_concrete_function(tf.ones((2, 8))).graph.get_operations()
+    }
+
+
 def test_frozen_batch_norm_weights_are_named_and_not_trainable():
     layer = FrozenBatchNorm()
     layer.build((None, 8))

@@ -8,6 +8,7 @@ sub-directory. ``export_saved_model`` writes::
         variables/variables.{index,data-*}
         assets/label_map.json          # LabelMap.to_json(): category ids and names
         assets/model_config.json       # fpn_tf.config.to_dict(ModelConfig), as served
+        assets/serving_precision.json  # compute dtype, why, exporting CPU + ISA (export.precision)
 
 It is written to a hidden temporary directory beside the version and renamed
 into place, so a running server never sees a half-written version; folders and
@@ -32,6 +33,7 @@ import tensorflow as tf
 from fpn_tf.checkpoints import restore_model  # noqa: F401  (re-exported for the scripts)
 from fpn_tf.config import ExperimentConfig, ModelConfig, from_dict, load_config, to_dict
 from fpn_tf.data.label_map import LabelMap
+from fpn_tf.export.precision import PRECISION_ASSET, cpu_info
 from fpn_tf.export.serving import DEFAULT_MAX_IMAGE_PIXELS, FULL_IMAGE_MAX_PIXELS, DetectionModule
 
 LABEL_MAP_ASSET = "label_map.json"
@@ -97,6 +99,7 @@ def export_saved_model(
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     full_image_masks: bool = False,
     full_image_max_pixels: int = FULL_IMAGE_MAX_PIXELS,
+    precision_reason: str | None = None,
 ) -> str:
     """Exports a FasterRCNN as ``<export_dir_base>/<name>/<version>/`` for TF Serving.
 
@@ -114,6 +117,9 @@ def export_saved_model(
         ``detection_masks_image`` (binary masks in original pixels; images over
         ``full_image_max_pixels`` original pixels are refused, see
         ``fpn_tf.export.serving``). Box-relative ``detection_masks`` are always served.
+      precision_reason: why the model runs in its ``config.compute_dtype``
+        (``export.precision.resolve_serving_dtype``'s reason), recorded in the
+        ``serving_precision.json`` asset; None = "the model's config".
 
     Returns:
       The path of the written version directory.
@@ -151,8 +157,17 @@ def export_saved_model(
             config_path = os.path.join(assets_src, MODEL_CONFIG_ASSET)
             with open(config_path, "w", encoding="utf-8") as f:
                 json.dump(to_dict(served_model_config(model)), f, indent=1)
+            precision_path = os.path.join(assets_src, PRECISION_ASSET)
+            with open(precision_path, "w", encoding="utf-8") as f:
+                precision = {
+                    "compute_dtype": model.config.compute_dtype,
+                    "reason": precision_reason or "the model's config",
+                    "export_cpu": cpu_info(),
+                }
+                json.dump(precision, f, indent=1)
             module.label_map_file = tf.saved_model.Asset(label_path)
             module.model_config_file = tf.saved_model.Asset(config_path)
+            module.serving_precision_file = tf.saved_model.Asset(precision_path)
             tf.saved_model.save(module, tmp, signatures=module.signatures())
         _usual_permissions(tmp)
         os.rename(tmp, path)
@@ -166,6 +181,15 @@ def read_label_map(path: str) -> LabelMap:
     """The label map asset of an exported version directory."""
     with open(os.path.join(path, "assets", LABEL_MAP_ASSET), encoding="utf-8") as f:
         return LabelMap.from_json(f.read())
+
+
+def read_serving_precision(path: str) -> dict:
+    """The ``serving_precision.json`` asset of a version directory ({} for older exports)."""
+    asset = os.path.join(path, "assets", PRECISION_ASSET)
+    if not os.path.isfile(asset):
+        return {}
+    with open(asset, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def read_model_config(path: str) -> ModelConfig:

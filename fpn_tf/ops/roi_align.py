@@ -82,6 +82,42 @@ def _axis_taps(lo, hi, scale, size, output_size, sampling_ratio, aligned):
     return tf.reshape(index, shape), tf.reshape(weight, shape)
 
 
+@tf.custom_gradient
+def _weighted_taps(flat, index, weight):
+    """``sum_t weight[:, :, t] * flat[b, index[:, :, t]]``: [B, M, C] from flat [B, L, C].
+
+    index: int32 [B, M, T] rows of ``flat``; weight: float32 [B, M, T] (no gradient).
+
+    Forward: one gather per tap, accumulated in tap order: the taps of all bins
+    together, [B, M, T, C], would take 800 MB for 1000 RoIs of 256 channels. Without
+    XLA the control dependency keeps one tap's gather alive at a time; XLA fuses the
+    loop into one pass over the RoIs.
+
+    Backward (written out, not derived by autodiff): the gradient of each gather is a
+    scatter-add of ``dy * weight_t`` into ONE running [B, L, C] buffer, tap after tap.
+    TF's own gradient made one dense [B, L, C] tensor per tap and summed them: at
+    832×1344, batch 2, 512 RoIs per image, the pooler's training step held +3.3 GB
+    (XLA) / +1.2 GB (graph) of peak memory for 190 MB of features.
+    """
+    pooled = None
+    for t in range(index.shape[-1]):
+        with tf.control_dependencies([] if pooled is None else [pooled]):
+            value = tf.gather(flat, index[:, :, t], batch_dims=1) * weight[:, :, t, None]
+        pooled = value if pooled is None else pooled + value
+    flat_shape = tf.shape(flat)
+
+    def grad(dy):
+        shape = tf.shape(index)
+        batch = tf.broadcast_to(tf.range(shape[0])[:, None], shape[:2])
+        dflat = tf.zeros(flat_shape, dy.dtype)
+        for t in range(index.shape[-1]):
+            rows = tf.stack([batch, index[:, :, t]], axis=-1)  # [B, M, 2]
+            dflat = tf.tensor_scatter_nd_add(dflat, rows, dy * weight[:, :, t, None])
+        return dflat, None, None
+
+    return pooled, grad
+
+
 def _roi_align_flat(flat, boxes, scale, height, width, start, output_size, sampling_ratio, aligned):
     """RoIAlign from flattened maps.
 
@@ -117,15 +153,7 @@ def _roi_align_flat(flat, boxes, scale, height, width, start, output_size, sampl
     batch, num_boxes = shape[0], shape[1]
     index = tf.reshape(index, [batch, -1, taps])  # [B, N*S*S, taps]
     weight = tf.reshape(weight, [batch, -1, taps])
-    # One gather per tap, accumulated in tap order: the taps of all bins together,
-    # [B, N*S*S, taps, C], would take 800 MB for 1000 RoIs of 256 channels. Without
-    # XLA the control dependency keeps one tap's gather alive at a time; XLA fuses
-    # the loop into one pass over the RoIs.
-    pooled = None
-    for t in range(taps):
-        with tf.control_dependencies([] if pooled is None else [pooled]):
-            value = tf.gather(flat, index[:, :, t], batch_dims=1) * weight[:, :, t, None]
-        pooled = value if pooled is None else pooled + value
+    pooled = _weighted_taps(flat, tf.stop_gradient(index), tf.stop_gradient(weight))
     pooled = tf.reshape(pooled, [batch, num_boxes, output_size, output_size, tf.shape(flat)[-1]])
     return tf.cast(pooled / float(sampling_ratio * sampling_ratio), dtype)
 
