@@ -20,9 +20,9 @@ import keras
 import tensorflow as tf
 
 from fpn_tf.config import AnchorConfig, RetinaNetConfig, from_dict
+from fpn_tf.models.detection_generator import padded_detections
 from fpn_tf.ops import anchors as anchor_ops
-from fpn_tf.ops import box_coder, box_ops, nms
-from fpn_tf.ops.box_ops import to_original_pixels
+from fpn_tf.ops import box_coder, box_ops
 
 
 def dense_anchor_sizes(
@@ -143,24 +143,9 @@ class DenseDetectionGenerator(keras.layers.Layer):
         ]
         boxes, scores, labels = (tf.concat(parts, axis=1) for parts in zip(*found))
         # Per-class NMS over all levels (torchvision's batched_nms on the concatenation).
-        idx, valid = nms.batched_nms_padded(
-            boxes,
-            scores,
-            labels,
-            max_output_size=self.detections_per_image,
-            iou_threshold=self.nms_iou,
-            score_threshold=self.score_threshold,
+        return padded_detections(
+            boxes, scores, labels, image_info, self.detections_per_image, self.nms_iou, self.score_threshold
         )
-        det_scores = tf.gather(scores, idx, batch_dims=1)
-        valid = tf.logical_and(valid, det_scores > self.score_threshold)
-        mask = tf.cast(valid, tf.float32)
-        det_boxes = to_original_pixels(tf.gather(boxes, idx, batch_dims=1), image_info)
-        return {
-            "detection_boxes": det_boxes * mask[..., None],
-            "detection_scores": det_scores * mask,
-            "detection_classes": tf.gather(labels, idx, batch_dims=1) * tf.cast(valid, tf.int32),
-            "num_detections": tf.reduce_sum(tf.cast(valid, tf.int32), axis=1),
-        }
 
     def compute_output_spec(self, head_outputs, image_info, anchors=None):
         b, d = image_info.shape[0], self.detections_per_image

@@ -20,6 +20,37 @@ from fpn_tf.ops.box_ops import to_original_pixels
 _MIN_DETECTION_SIZE = 1e-2
 
 
+def padded_detections(boxes, scores, classes, image_info, max_detections, nms_iou, score_threshold) -> dict:
+    """Per-class NMS of candidates, the best ``max_detections``, padded, in original pixels.
+
+    Args:
+      boxes: [B, N, 4] input pixels; scores: [B, N]; classes: [B, N] int32 labels.
+      image_info: [B, 6].
+
+    Returns:
+      detection_boxes [B, D, 4] ORIGINAL-image pixels, detection_scores [B, D],
+      detection_classes [B, D] int32, num_detections [B] int32 (padded rows 0).
+    """
+    idx, valid = nms.batched_nms_padded(
+        boxes,
+        scores,
+        classes,
+        max_output_size=max_detections,
+        iou_threshold=nms_iou,
+        score_threshold=score_threshold,
+    )
+    det_scores = tf.gather(scores, idx, batch_dims=1)
+    valid = tf.logical_and(valid, det_scores > score_threshold)
+    mask = tf.cast(valid, tf.float32)
+    det_boxes = to_original_pixels(tf.gather(boxes, idx, batch_dims=1), image_info)
+    return {
+        "detection_boxes": det_boxes * mask[..., None],
+        "detection_scores": det_scores * mask,
+        "detection_classes": tf.gather(classes, idx, batch_dims=1) * tf.cast(valid, tf.int32),
+        "num_detections": tf.reduce_sum(tf.cast(valid, tf.int32), axis=1),
+    }
+
+
 @keras.saving.register_keras_serializable(package="fpn_tf")
 class ToOriginalPixels(keras.layers.Layer):
     """Layer form of ``to_original_pixels``: boxes [B, N, 4], image_info [B, 6] -> [B, N, 4]."""
@@ -92,24 +123,15 @@ class DetectionGenerator(keras.layers.Layer):
         top_scores, top_idx = tf.math.top_k(flat_scores, k=k, sorted=True)
         top_boxes = tf.gather(flat_boxes, top_idx, batch_dims=1)
         top_classes = tf.gather(flat_classes, top_idx, batch_dims=1)
-        idx, valid = nms.batched_nms_padded(
+        return padded_detections(
             top_boxes,
             top_scores,
             top_classes,
-            max_output_size=self.detections_per_image,
-            iou_threshold=self.nms_iou,
-            score_threshold=self.score_threshold,
+            image_info,
+            self.detections_per_image,
+            self.nms_iou,
+            self.score_threshold,
         )
-        det_scores = tf.gather(top_scores, idx, batch_dims=1)
-        valid = tf.logical_and(valid, det_scores > self.score_threshold)
-        mask = tf.cast(valid, tf.float32)
-        det_boxes = to_original_pixels(tf.gather(top_boxes, idx, batch_dims=1), image_info)
-        return {
-            "detection_boxes": det_boxes * mask[..., None],
-            "detection_scores": det_scores * mask,
-            "detection_classes": tf.gather(top_classes, idx, batch_dims=1) * tf.cast(valid, tf.int32),
-            "num_detections": tf.reduce_sum(tf.cast(valid, tf.int32), axis=1),
-        }
 
     def compute_output_spec(self, class_logits, box_deltas, proposals, proposal_valid, image_info):
         b, d = class_logits.shape[0], self.detections_per_image
