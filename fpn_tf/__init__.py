@@ -3,6 +3,7 @@
 Entry points:
   fpn_tf.build_faster_rcnn(num_classes=91, backbone="resnet50", ...)  # detector
   fpn_tf.build_fpn_backbone(backbone_config, fpn_config)             # image -> {"P2".."P6"}
+  fpn_tf.build_segment_proposer(backbone="resnet50", ...)            # segment proposals (§6)
 
 Attributes resolve lazily so that ``import fpn_tf.config`` does not load TensorFlow.
 """
@@ -16,6 +17,8 @@ _EXPORTS = {
     "FasterRCNN": "fpn_tf.models.faster_rcnn",
     "build_faster_rcnn": "fpn_tf.models.faster_rcnn",
     "build_fpn_backbone": "fpn_tf.models.fpn_backbone",
+    "SegmentProposer": "fpn_tf.models.segment_proposals",
+    "build_segment_proposer": "fpn_tf.models.segment_proposals",
 }
 
 __all__ = sorted(_EXPORTS)

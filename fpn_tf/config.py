@@ -143,7 +143,39 @@ class InputConfig:
     mask_size: int = 0
 
 
-MODEL_TYPES = ("faster_rcnn",)  # fpn_tf.models.build.MODEL_TYPES maps each to its detector
+@dataclass
+class SegmentProposalConfig:
+    """FPN segmentation proposals (§6, Appendix A); every default is the paper's.
+
+    The head is a "5×5 MLP" (a ``k×k`` conv with ``hidden_dim`` outputs, then
+    sibling 1×1 convs: ``mask_size²`` mask logits and 1 object score), shared by
+    all levels; a second one with a 7×7 window handles half octaves (``mlps``).
+    An object of scale ``s = max(w, h)`` of its mask goes to the (level, MLP) whose
+    canonical scale (``scales[k - 2]`` on P_k, × √2 for the 7×7 MLP) is nearest in
+    log space; the mask output covers ``(1 + padding)`` × that scale.
+    """
+
+    mlps: tuple[int, ...] = (5, 7)  # window sizes: (5,), (7,) or (5, 7)
+    hidden_dim: int = 512
+    mask_size: int = 14  # 14 (paper's baseline) or 28 ("2x mask resolution")
+    # canonical object scale of P2, P3, ... for the 5×5 MLP (×√2 for the 7×7)
+    scales: tuple[float, ...] = (32.0, 64.0, 128.0, 256.0, 512.0)
+    padding: float = 0.25  # mask region = (1 + padding) × canonical scale
+    levels: tuple[int, ...] = ()  # pyramid levels the head runs on; () = all
+    # Objects farther than this (octaves) from every canonical scale are not
+    # positives; 0 = none is too far (the paper: the nearest scale in log space).
+    max_scale_distance: float = 0.0
+    batch_size_per_image: int = 128
+    positive_fraction: float = 0.25  # 1 : 3 positives : negatives
+    mask_loss_weight: float = 10.0  # relative to the score loss
+    proposals_per_image: int = 1000  # masks at the top-scoring locations, no NMS
+    # The image-pyramid baseline (DeepMask's 2^{-2:0.5:1}): () = off. When set, the
+    # model runs on every scale at inference (proposals merged to the top ones) and
+    # trains on the batch resized by scale[step % len] (scale jitter).
+    image_pyramid: tuple[float, ...] = ()
+
+
+MODEL_TYPES = ("faster_rcnn", "segment_proposals")  # fpn_tf.models.build.MODEL_TYPES maps each to its detector
 
 
 @dataclass
@@ -163,6 +195,7 @@ class ModelConfig:
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi_head: RoIHeadConfig = field(default_factory=RoIHeadConfig)
     input: InputConfig = field(default_factory=InputConfig)
+    segment: SegmentProposalConfig = field(default_factory=SegmentProposalConfig)
     rpn_only: bool = False  # Table 1 experiments: train and evaluate proposals only
     # "mixed_bfloat16": backbone, FPN, RPN and box-head convs / fcs compute in bfloat16
     # (oneDNN AVX512-BF16 / AMX kernels on CPU); weights stay float32, so float32

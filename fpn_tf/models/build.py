@@ -13,6 +13,7 @@ from fpn_tf.config import ModelConfig
 
 MODEL_TYPES: dict[str, str] = {
     "faster_rcnn": "fpn_tf.models.faster_rcnn:FasterRCNN",
+    "segment_proposals": "fpn_tf.models.segment_proposals:SegmentProposer",
 }
 assert set(MODEL_TYPES) == set(CONFIG_MODEL_TYPES), "fpn_tf.config.MODEL_TYPES and MODEL_TYPES differ"
 
