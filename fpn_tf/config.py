@@ -175,7 +175,8 @@ class SegmentProposalConfig:
     image_pyramid: tuple[float, ...] = ()
 
 
-MODEL_TYPES = ("faster_rcnn", "segment_proposals")  # fpn_tf.models.build.MODEL_TYPES maps each to its detector
+# fpn_tf.models.build.MODEL_TYPES maps each to its detector
+MODEL_TYPES = ("faster_rcnn", "segment_proposals")
 
 
 @dataclass

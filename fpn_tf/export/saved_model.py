@@ -76,7 +76,9 @@ def served_model_config(model) -> ModelConfig:
     records the values the SavedModel was traced with.
     """
     cfg = model.config
-    gen = model.detection_generator
+    gen = getattr(model, "detection_generator", None)
+    if gen is None:  # a proposal model (e.g. segment proposals): nothing to record
+        return cfg
     roi_head = dataclasses.replace(
         cfg.roi_head,
         score_threshold=float(gen.score_threshold),

@@ -28,6 +28,13 @@ functions of ``fpn_tf.data.preprocess``; then one batched call of the model's ow
   label map; the contiguous labels 1..K when there is none);
 - ``num_detections`` int32 ``[B]``: rows ``[:num_detections]`` are detections, the
   rest are padding (boxes, scores and classes 0).
+
+A model whose outputs hold ``proposal_masks`` (the segment proposer, paper §6)
+returns instead (N = ``segment.proposals_per_image``): ``proposal_boxes`` float32
+``[B, N, 4]`` (the window each mask covers, original pixels, not clipped),
+``proposal_boxes_normalized``, ``proposal_scores`` ``[B, N]`` (decreasing),
+``proposal_masks`` float32 ``[B, N, S, S]`` probabilities over the window, and
+``num_proposals`` int32 ``[B]``.
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ OUTPUT_KEYS = (
     "detection_classes",
     "num_detections",
 )
+PROPOSAL_OUTPUT_KEYS = ("proposal_boxes", "proposal_scores", "proposal_masks", "num_proposals")
 IMAGE_FEATURE = "image/encoded"
 # Cap on an image's pixel count (height x width), checked on the size its header
 # declares BEFORE decoding and again on the decoded size: 50 MP is ~150 MB as RGB
@@ -249,9 +257,13 @@ class DetectionModule(tf.Module):
         Returns: the dict of OUTPUT_KEYS (module docstring).
         """
         outputs = self._model({"images": images, "image_info": image_info}, training=False)
+        orig_hw = tf.tile(image_info[:, 0:2], [1, 2])[:, None, :]
+        if "proposal_masks" in outputs:  # segment proposals: class-agnostic, passed through
+            result = {k: outputs[k] for k in PROPOSAL_OUTPUT_KEYS}
+            result["proposal_boxes_normalized"] = outputs["proposal_boxes"] / orig_hw
+            return result
         boxes = outputs["detection_boxes"]
-        orig_hw = image_info[:, 0:2]
-        normalized = boxes / tf.tile(orig_hw, [1, 2])[:, None, :]
+        normalized = boxes / orig_hw
         classes = tf.cast(self.label_map.to_category_id_tf(outputs["detection_classes"]), tf.int32)
         return {
             "detection_boxes": boxes,

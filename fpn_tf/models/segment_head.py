@@ -74,10 +74,13 @@ class SegmentProposalHead(keras.layers.Layer):
         )
         for k in self.mlps:
             # One attribute per sub-layer: TF checkpoints do not see layers in lists.
-            setattr(self, f"conv{k}", keras.layers.Conv2D(hidden_dim, k, padding="same", activation="relu", name=f"mlp{k}_conv"))
+            conv = keras.layers.Conv2D(hidden_dim, k, padding="same", activation="relu", name=f"mlp{k}_conv")
             init = keras.initializers.RandomNormal(stddev=0.01)
-            setattr(self, f"score{k}", keras.layers.Conv2D(1, 1, kernel_initializer=init, name=f"mlp{k}_score"))
-            setattr(self, f"mask{k}", keras.layers.Dense(self.mask_size**2, kernel_initializer=init, name=f"mlp{k}_mask"))
+            setattr(self, f"conv{k}", conv)
+            score = keras.layers.Conv2D(1, 1, kernel_initializer=init, name=f"mlp{k}_score")
+            setattr(self, f"score{k}", score)
+            mask = keras.layers.Dense(self.mask_size**2, kernel_initializer=init, name=f"mlp{k}_mask")
+            setattr(self, f"mask{k}", mask)
 
     def build(self, features_shape, image_info_shape=None, indices_shape=None):
         channels = features_shape[self.level_names[0]][-1]
@@ -193,7 +196,11 @@ class MergeSegmentProposals(keras.layers.Layer):
 
         scores, boxes, masks = cat("proposal_scores"), cat("proposal_boxes"), cat("proposal_masks")
         valid = tf.concat(
-            [tf.range(tf.shape(o["proposal_scores"])[1])[None] < o["num_proposals"][:, None] for o in outputs], 1
+            [
+                tf.range(tf.shape(o["proposal_scores"])[1])[None] < o["num_proposals"][:, None]
+                for o in outputs
+            ],
+            1,
         )
         top, index = tf.math.top_k(tf.where(valid, scores, -1.0), k=self.num)
         keep = top >= 0.0

@@ -118,7 +118,8 @@ class SegmentProposer(Detector):
         gt_boxes = tf.cast(targets["gt_boxes"], tf.float32)
         if seg.image_pyramid:  # scale jitter of the single-level baseline
             scales = tf.constant(seg.image_pyramid, tf.float32)
-            factor = tf.gather(scales, tf.math.floormod(tf.cast(0 if step is None else step, tf.int32), len(seg.image_pyramid)))
+            step = tf.cast(0 if step is None else step, tf.int32)
+            factor = tf.gather(scales, tf.math.floormod(step, len(seg.image_pyramid)))
             images, image_info = resize_batch(images, image_info, factor, self.config.input.size_divisibility)
             gt_boxes = gt_boxes * factor
         features = self._features(images, image_info, training=training)
@@ -143,15 +144,11 @@ class SegmentProposer(Detector):
         """Score loss over the sampled locations + 10 × mask loss over the sampled positives."""
         head, sampled = raw["head"], raw["sampled_labels"]
         logits = tf.gather(head["score_logits"], head["indices"], batch_dims=1)
-        return segment_losses(
-            logits,
-            head["mask_logits"],
-            sampled,
-            mask_ops.mask_targets(
-                targets["gt_masks"], raw["gt_boxes"], raw["sampled_gt"], head["windows"], self.config.segment.mask_size
-            ),
-            self.config.segment.mask_loss_weight,
+        seg = self.config.segment
+        targets_s = mask_ops.mask_targets(
+            targets["gt_masks"], raw["gt_boxes"], raw["sampled_gt"], head["windows"], seg.mask_size
         )
+        return segment_losses(logits, head["mask_logits"], sampled, targets_s, seg.mask_loss_weight)
 
     def postprocess(self, raw, image_info) -> dict:
         outputs = [self.outputs_layer(head, info) for head, info in raw["scales"]]
@@ -180,6 +177,12 @@ def segment_losses(score_logits, mask_logits, sampled_labels, mask_targets, mask
     return {"segment_score_loss": score, "segment_mask_loss": mask_weight * mask}
 
 
+def paper_config() -> ModelConfig:
+    """Appendix A's model: ResNet-50, P2..P6 with d = 128 (§5.1), dual MLP, 14×14 masks."""
+    cfg = ModelConfig(type="segment_proposals")
+    return dataclasses.replace(cfg, fpn=dataclasses.replace(cfg.fpn, num_channels=128))
+
+
 def build_segment_proposer(
     backbone: str | None = None, config: ModelConfig | None = None, **overrides
 ) -> SegmentProposer:
@@ -190,8 +193,5 @@ def build_segment_proposer(
       config: a full ModelConfig (``type: segment_proposals``); default: the paper's.
       **overrides: top-level ModelConfig fields, e.g. ``segment=SegmentProposalConfig(mlps=(5,))``.
     """
-    if config is None:
-        config = ModelConfig(type="segment_proposals")
-        config = dataclasses.replace(config, fpn=dataclasses.replace(config.fpn, num_channels=128))
-    cfg = resolve_model_config("segment_proposals", None, backbone, config, None, overrides)
+    cfg = resolve_model_config("segment_proposals", None, backbone, config or paper_config(), None, overrides)
     return SegmentProposer(cfg)

@@ -69,7 +69,8 @@ def canonical_entries(
         for level in levels:
             if not 0 <= level - 2 < len(scales):
                 raise ValueError(
-                    f"segment.scales has {len(scales)} values (P2..P{len(scales) + 1}) but the head runs on P{level}"
+                    f"segment.scales has {len(scales)} values (P2..P{len(scales) + 1}) "
+                    f"but the head runs on P{level}"
                 )
             scale = float(scales[level - 2]) * factor
             entries.append(Entry(level, kernel, scale, scale * (1.0 + padding)))
