@@ -143,7 +143,7 @@ def evaluate(
         detect, propose = _predict_fns(model, proposals, xla)
 
     detections, proposal_dicts, segment_dicts, image_ids = [], [], [], []
-    model_seconds, segments = 0.0, False
+    model_seconds, timed_images, segments = 0.0, 0, False
     start = time.perf_counter()
     for batch in dataset:
         ids = batch["image_id"].numpy()
@@ -157,7 +157,9 @@ def evaluate(
         if not rpn_only:
             tick = time.perf_counter()
             out = {k: v.numpy() for k, v in detect(images, image_info).items()}
-            model_seconds += time.perf_counter() - tick
+            if image_ids:  # the first batch traces the function: not timed
+                model_seconds += time.perf_counter() - tick
+                timed_images += len(ids)
         segments = not rpn_only and "proposal_masks" in out
         if segments:  # segment proposals (§6): masks pasted into the original image
             segment_dicts += proposals_to_coco(
@@ -196,8 +198,8 @@ def evaluate(
         metrics.update(evaluate_proposals(info.coco_gt, proposal_dicts, image_ids))
     metrics["num_images"] = len(image_ids)
     metrics["seconds_per_image"] = seconds / len(image_ids)
-    if not rpn_only:  # the model call alone (no COCO conversion): the paper's "time"
-        metrics["model_seconds_per_image"] = model_seconds / len(image_ids)
+    if timed_images:  # the model call alone (no tracing, no COCO conversion): the paper's "time"
+        metrics["model_seconds_per_image"] = model_seconds / timed_images
     logging.info("%s", format_metrics(metrics))
 
     if metrics_path is None and prefix is not None:
