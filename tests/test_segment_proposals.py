@@ -346,7 +346,8 @@ def test_saved_model_round_trip_in_a_fresh_process(tmp_path):
         timeout=300,
     )
     got = dict(np.load(tmp_path / "out.npz"))
-    want = {k: v.numpy() for k, v in DetectionModule(model).serve_image_tensor(tf.constant(images)).items()}
+    module = DetectionModule(model)  # held: its tf.functions keep only a weak reference
+    want = {k: v.numpy() for k, v in module.serve_image_tensor(tf.constant(images)).items()}
     assert (
         set(got)
         == set(want)
