@@ -364,3 +364,23 @@ def test_saved_model_round_trip_in_a_fresh_process(tmp_path):
         np.testing.assert_allclose(got[k], want[k], atol=1e-4, err_msg=k)
     with open(os.path.join(path, "assets", "model_config.json"), encoding="utf-8") as f:
         assert json.load(f)["type"] == "segment_proposals"
+
+
+@pytest.mark.slow
+def test_table_script_tiny_run_writes_doc_and_chart(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import segment_proposals_table as table
+
+    doc, chart = tmp_path / "s.md", tmp_path / "s.png"
+    args = ["--tiny", "--out_dir", str(tmp_path / "run"), "--doc", str(doc), "--chart", str(chart)]
+    assert table.main(args) == 0
+    text = doc.read_text()
+    assert table.BEGIN in text and table.END in text
+    for row in table.ROWS:
+        assert f"| {row.name} |" in text
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(results) == {r.key for r in table.ROWS}
+    assert chart.stat().st_size > 1000
+    pyramid = table.row_config(table.load_config(table.parse_args([]).config), table.ROWS[0]).model
+    assert pyramid.fpn.variant == "c4" and pyramid.segment.levels == (4,)
+    np.testing.assert_allclose(pyramid.segment.image_pyramid, 2.0 ** np.arange(-2, 1.01, 0.5))
