@@ -128,6 +128,34 @@ def detections_to_json(outputs: dict, label_map, min_score: float) -> list[dict]
     return result
 
 
+def segments_to_json(outputs: dict, image_hw, min_score: float, max_count: int = 20):
+    """One image's segment proposals (serving outputs with ``proposal_masks``) -> JSON rows and masks.
+
+    Keeps the best ``max_count`` with score >= ``min_score``; each mask is pasted into
+    the original image (``paste_mask_numpy``) and thresholded at 0.5. Returns
+    ``([{"box", "score", "segmentation": COCO RLE}], [binary [h, w] masks])``.
+    """
+    from fpn_tf.evaluation.coco_evaluator import mask_to_rle
+    from fpn_tf.ops.mask_ops import paste_mask_numpy
+
+    rows, masks = [], []
+    for i in range(min(int(outputs["num_proposals"]), max_count)):
+        score = float(outputs["proposal_scores"][i])
+        if score < min_score:
+            continue
+        box = outputs["proposal_boxes"][i]
+        mask = paste_mask_numpy(outputs["proposal_masks"][i], box, image_hw) > 0.5
+        rows.append(
+            {
+                "box": [round(float(v), 3) for v in box],
+                "score": round(score, 6),
+                "segmentation": mask_to_rle(mask),
+            }
+        )
+        masks.append(mask)
+    return rows, masks
+
+
 def check_output_dir(output_dir: str, files: list[str], input_paths: list[str]) -> None:
     """Refuses an output folder that is an input folder or holds an input image.
 
@@ -172,7 +200,7 @@ def main(argv):
     import tensorflow as tf
 
     from fpn_tf.data.preprocess import decode_image
-    from fpn_tf.export.visualize import draw_detections
+    from fpn_tf.export.visualize import draw_detections, draw_segments
 
     files = collect_inputs(list(FLAGS.inputs) + list(argv[1:]))
     if not files:
@@ -193,15 +221,19 @@ def main(argv):
             print(f"skipping {path}: {message}", file=sys.stderr)
             skipped.append({"file": path, "error": message})
             continue
-        detections = detections_to_json(outputs, label_map, FLAGS.min_score)
         png = unique_png_path(FLAGS.output_dir, path, used)
-        drawn = draw_detections(
-            image,
-            [d["box"] for d in detections],
-            [d["score"] for d in detections],
-            [d["category_id"] for d in detections],
-            [d["category_name"] for d in detections],
-        )
+        if "proposal_masks" in outputs:  # a segment proposer (§6): mask overlays
+            detections, masks = segments_to_json(outputs, image.shape[:2], FLAGS.min_score)
+            drawn = draw_segments(image, masks, [d["score"] for d in detections])
+        else:
+            detections = detections_to_json(outputs, label_map, FLAGS.min_score)
+            drawn = draw_detections(
+                image,
+                [d["box"] for d in detections],
+                [d["score"] for d in detections],
+                [d["category_id"] for d in detections],
+                [d["category_name"] for d in detections],
+            )
         write_new(png, lambda f, drawn=drawn: drawn.save(f, format="PNG"))
         h, w = image.shape[:2]
         images.append({"file": path, "height": h, "width": w, "visualization": png, "detections": detections})
