@@ -1,5 +1,8 @@
 """Runs a trained model over the eval split and computes COCO AP (and proposal AR).
 
+A model whose outputs hold ``proposal_masks`` (the segment proposer, paper §6) is
+scored by class-agnostic segment AR (``evaluate_segment_proposals``) instead of AP.
+
 The model comes from a training directory (the trainer's checkpoint; the run's
 ``config.yaml`` is read from there when no config is given) or from an exported
 SavedModel (``fpn_tf.export``; its ``detect`` function is called, which already
@@ -218,5 +221,8 @@ def format_metrics(metrics: dict[str, float]) -> str:
     """One line: the COCO numbers in percent (as the paper's tables print them)."""
     keys = [k for k in PRINTED_METRICS + PROPOSAL_METRICS if k in metrics]
     parts = [f"{k} {100.0 * metrics[k]:.1f}" if metrics[k] >= 0 else f"{k} n/a" for k in keys]
-    parts.append(f"({int(metrics['num_images'])} images, {metrics['seconds_per_image']:.3f} s/image)")
+    timing = f"{metrics['seconds_per_image']:.3f} s/image"
+    if "model_seconds_per_image" in metrics:
+        timing += f", model {metrics['model_seconds_per_image']:.3f} s/image"
+    parts.append(f"({int(metrics['num_images'])} images, {timing})")
     return "  ".join(parts)
