@@ -5,6 +5,7 @@ Entry points:
   fpn_tf.build_mask_rcnn(num_classes=91, ...)                        # + instance masks
   fpn_tf.build_retinanet(num_classes=91, backbone="resnet50", ...)    # one-stage detector on P3..P7
   fpn_tf.build_fpn_backbone(backbone_config, fpn_config)             # image -> {"P2".."P6"}
+  fpn_tf.build_segment_proposer(backbone="resnet50", ...)            # segment proposals (§6)
 
 Attributes resolve lazily so that ``import fpn_tf.config`` does not load TensorFlow.
 """
@@ -22,6 +23,8 @@ _EXPORTS = {
     "build_fpn_backbone": "fpn_tf.models.fpn_backbone",
     "RetinaNet": "fpn_tf.models.retinanet",
     "build_retinanet": "fpn_tf.models.retinanet",
+    "SegmentProposer": "fpn_tf.models.segment_proposals",
+    "build_segment_proposer": "fpn_tf.models.segment_proposals",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from fpn_tf.config_files import resolve_config_path
+from fpn_tf.head_configs import MaskHeadConfig, RetinaNetConfig, SegmentProposalConfig
 
 
 @dataclass
@@ -145,63 +146,8 @@ class InputConfig:
     mask_size: int = 0
 
 
-@dataclass
-class MaskHeadConfig:
-    """The Mask R-CNN mask branch (He et al. 2017; torchvision / Detectron2 layout)."""
-
-    pooler_resolution: int = 14  # mask RoIAlign side, P2..P5 by eq. (1) as the box branch
-    sampling_ratio: int = 2
-    num_convs: int = 4  # 3x3 convs before the 2x2 stride-2 transposed conv
-    conv_channels: int = 256
-    # Training pools masks for the first ``positive_fraction * roi_head.batch_size_per_image``
-    # sampled RoIs (positives come first): a fixed-size subset for static shapes that
-    # holds every sampled positive (the sampler never takes more).
-    loss_weight: float = 1.0
-
-
-@dataclass
-class RetinaNetConfig:
-    """RetinaNet's dense head, focal loss and inference (Lin et al. 2017b, "Focal Loss").
-
-    Defaults are the paper's / Detectron2's; the ``torchvision_v1`` preset
-    (fpn_tf.models.presets) changes what torchvision's ``retinanet_resnet50_fpn`` does
-    differently. The pyramid (P3..P7) and the base anchor sizes (32..512) are
-    ``model.fpn`` and ``model.anchors``; for ``model.type: retinanet`` the ``""`` preset
-    of fpn_tf.models.presets sets them.
-    """
-
-    # Anchors: sizes[level] * 2**(i / scales_per_octave), i = 0..scales_per_octave-1
-    scales_per_octave: int = 3
-    truncate_anchor_sizes: bool = False  # torchvision: int(32 * 2**(1/3)) = 40, not 40.3
-    num_convs: int = 4  # 3x3 conv + ReLU layers of each tower (class, box)
-    conv_channels: int = 0  # 0 -> the pyramid's channels
-    norm: str = "none"  # none | group_norm (GroupNorm(32) after each tower conv: torchvision v2)
-    prior_probability: float = 0.01  # class-logit bias init -log((1 - p) / p)
-    # False: K-1 sigmoid channels per anchor (label k -> channel k-1, background has none:
-    # Detectron2). True: K channels, channel 0 trained towards 0 and ignored at inference
-    # (torchvision's layout, needed to import its weights).
-    background_channel: bool = False
-    positive_iou: float = 0.5
-    negative_iou: float = 0.4
-    allow_low_quality_matches: bool = True  # each GT's best anchors are positive (torchvision, D2)
-    box_coder_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    box_loss: str = "smooth_l1"  # smooth_l1 | l1 (torchvision v1)
-    smooth_l1_beta: float = 0.1  # Detectron2's RetinaNet
-    # batch: losses summed over the batch / positive anchors of the batch (paper, Detectron2);
-    # image: per image / its positive anchors, then averaged over images (torchvision).
-    loss_normalization: str = "batch"
-    class_loss_weight: float = 1.0
-    box_loss_weight: float = 1.0
-    score_threshold: float = 0.05
-    topk_candidates: int = 1000  # per level, before NMS
-    nms_iou: float = 0.5  # per class
-    detections_per_image: int = 100
-
-
 # fpn_tf.models.build.MODEL_TYPES maps each to its detector
-MODEL_TYPES = ("faster_rcnn", "mask_rcnn", "retinanet")
+MODEL_TYPES = ("faster_rcnn", "mask_rcnn", "retinanet", "segment_proposals")
 
 
 @dataclass
@@ -226,6 +172,7 @@ class ModelConfig:
     retinanet: RetinaNetConfig = field(default_factory=RetinaNetConfig)  # model.type retinanet
     input: InputConfig = field(default_factory=InputConfig)
     mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)  # model.type mask_rcnn only
+    segment: SegmentProposalConfig = field(default_factory=SegmentProposalConfig)
     rpn_only: bool = False  # Table 1 experiments: train and evaluate proposals only
     # "mixed_bfloat16": backbone, FPN, RPN and box-head convs / fcs compute in bfloat16
     # (oneDNN AVX512-BF16 / AMX kernels on CPU); weights stay float32, so float32

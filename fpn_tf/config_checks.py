@@ -173,6 +173,20 @@ RULES: dict[type, dict[str, Any]] = {
         "conv_channels": AT_LEAST_1,
         "loss_weight": NON_NEGATIVE,
     },
+    C.SegmentProposalConfig: {
+        "mlps": Each(Range(5, 7), min_len=1, max_len=2),  # 5 and/or 7 (cross-checked)
+        "hidden_dim": AT_LEAST_1,
+        "mask_size": AT_LEAST_1,
+        "scales": Each(POSITIVE, min_len=1),
+        "padding": NON_NEGATIVE,
+        "levels": Each(LEVEL),
+        "max_scale_distance": NON_NEGATIVE,
+        "batch_size_per_image": AT_LEAST_1,
+        "positive_fraction": UNIT,
+        "mask_loss_weight": NON_NEGATIVE,
+        "proposals_per_image": AT_LEAST_1,
+        "image_pyramid": Each(POSITIVE),
+    },
     C.ModelConfig: {
         "type": Choice(C.MODEL_TYPES),
         "num_classes": Range(2),  # background + at least one class
@@ -275,6 +289,9 @@ def _model_problems(m: C.ModelConfig, where: str) -> list[str]:
     _not_above(out, where, r, "roi_head.background_iou_low", "roi_head.background_iou_high")
     _not_above(out, where, m.rpn, "rpn.negative_iou", "rpn.positive_iou")
     _not_above(out, where, m.input, "input.min_size", "input.max_size")
+    seg = m.segment
+    if sorted(set(seg.mlps)) != sorted(seg.mlps) or not set(seg.mlps) <= {5, 7}:
+        out.append(f"{where}segment.mlps must be (5,), (7,) or (5, 7), got {list(seg.mlps)}")
     return out
 
 

@@ -1,4 +1,4 @@
-"""COCO evaluation of a trained model (box AP; proposal AR with --proposals).
+"""COCO evaluation of a trained model (box AP; proposal AR with --proposals; segment proposers: segment AR).
 
     python scripts/evaluate.py --model_dir runs/demo              # latest checkpoint
     python scripts/evaluate.py --model_dir runs/demo --checkpoint runs/demo/ckpt-2000

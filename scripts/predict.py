@@ -144,6 +144,34 @@ def detections_to_json(outputs: dict, label_map, min_score: float, image_hw=None
     return result
 
 
+def segments_to_json(outputs: dict, image_hw, min_score: float, max_count: int = 20):
+    """One image's segment proposals (serving outputs with ``proposal_masks``) -> JSON rows and masks.
+
+    Keeps the best ``max_count`` with score >= ``min_score``; each mask is pasted into
+    the original image (``paste_mask_numpy``) and thresholded at 0.5. Returns
+    ``([{"box", "score", "segmentation": COCO RLE}], [binary [h, w] masks])``.
+    """
+    from fpn_tf.evaluation.coco_evaluator import mask_to_rle
+    from fpn_tf.ops.mask_ops import paste_mask_numpy
+
+    rows, masks = [], []
+    for i in range(min(int(outputs["num_proposals"]), max_count)):
+        score = float(outputs["proposal_scores"][i])
+        if score < min_score:
+            continue
+        box = outputs["proposal_boxes"][i]
+        mask = paste_mask_numpy(outputs["proposal_masks"][i], box, image_hw) > 0.5
+        rows.append(
+            {
+                "box": [round(float(v), 3) for v in box],
+                "score": round(score, 6),
+                "segmentation": mask_to_rle(mask),
+            }
+        )
+        masks.append(mask)
+    return rows, masks
+
+
 def check_output_dir(output_dir: str, files: list[str], input_paths: list[str]) -> None:
     """Refuses an output folder that is an input folder or holds an input image.
 
@@ -188,7 +216,7 @@ def main(argv):
     import tensorflow as tf
 
     from fpn_tf.data.preprocess import decode_image
-    from fpn_tf.export.visualize import draw_detections
+    from fpn_tf.export.visualize import draw_detections, draw_segments
 
     files = collect_inputs(list(FLAGS.inputs) + list(argv[1:]))
     if not files:
@@ -210,22 +238,28 @@ def main(argv):
             skipped.append({"file": path, "error": message})
             continue
         h, w = image.shape[:2]
-        detections = detections_to_json(outputs, label_map, FLAGS.min_score, (h, w))
         png = unique_png_path(FLAGS.output_dir, path, used)
-        masks = None
-        if detections and "segmentation" in detections[0]:
-            from pycocotools import mask as mask_utils
+        if "proposal_masks" in outputs:  # a segment proposer (§6): mask overlays
+            detections, masks = segments_to_json(outputs, image.shape[:2], FLAGS.min_score)
+            drawn = draw_segments(image, masks, [d["score"] for d in detections])
+        else:
+            detections = detections_to_json(outputs, label_map, FLAGS.min_score, (h, w))
+            masks = None
+            if detections and "segmentation" in detections[0]:
+                from pycocotools import mask as mask_utils
 
-            masks = [mask_utils.decode({**d["segmentation"], "counts": d["segmentation"]["counts"].encode()})
-                     for d in detections]  # fmt: skip
-        drawn = draw_detections(
-            image,
-            [d["box"] for d in detections],
-            [d["score"] for d in detections],
-            [d["category_id"] for d in detections],
-            [d["category_name"] for d in detections],
-            masks=masks,
-        )
+                masks = [
+                    mask_utils.decode({**d["segmentation"], "counts": d["segmentation"]["counts"].encode()})
+                    for d in detections
+                ]
+            drawn = draw_detections(
+                image,
+                [d["box"] for d in detections],
+                [d["score"] for d in detections],
+                [d["category_id"] for d in detections],
+                [d["category_name"] for d in detections],
+                masks=masks,
+            )
         write_new(png, lambda f, drawn=drawn: drawn.save(f, format="PNG"))
         h, w = image.shape[:2]
         images.append({"file": path, "height": h, "width": w, "visualization": png, "detections": detections})

@@ -38,6 +38,13 @@ from fpn_tf.models.mask_head import ClassMasks, MaskHead, ToInputPixels
 from fpn_tf.models.retinanet_head import RetinaNetHead
 from fpn_tf.models.roi_pooler import RoIPooler
 from fpn_tf.models.rpn import ProposalGenerator, RPNHead
+from fpn_tf.models.segment_head import (
+    MergeSegmentProposals,
+    ResizeImages,
+    SegmentProposalHead,
+    SegmentProposalOutputs,
+)
+from fpn_tf.models.segment_proposals import SegmentProposer
 
 LEVELS = ["P2", "P3", "P4", "P5", "P6"]
 
@@ -92,6 +99,28 @@ def _model_case(model_cls=fpn_tf.FasterRCNN, config=None):
     return model_cls(config or tiny_model_config()), (inputs,), {}
 
 
+def _segment_head():
+    return SegmentProposalHead(LEVELS, (5, 7), 8, 4, (8.0, 16.0, 32.0, 64.0, 128.0), 0.25, 20)
+
+
+def _segment_outputs():
+    head = _segment_head()
+    return SegmentProposalOutputs()(head(_pyramid(), INFO), INFO)
+
+
+def _segment_model_case():
+    from fpn_tf.config import SegmentProposalConfig
+
+    cfg = tiny_model_config(
+        type="segment_proposals", segment=SegmentProposalConfig(hidden_dim=8, proposals_per_image=30)
+    )
+    inputs = {
+        "images": _rand(1, 64, 64, 3, high=255.0),
+        "image_info": tf.constant([[64.0, 64.0] * 2 + [1.0] * 2]),
+    }
+    return SegmentProposer(cfg), (inputs,), {}
+
+
 CASES = {
     "PixelNormalization": lambda: (PixelNormalization(), (_rand(1, 64, 64, 3, high=255.0), INFO), {}),
     "FrozenBatchNorm": lambda: (FrozenBatchNorm(epsilon=1e-3), (_rand(1, 4, 4, 8),), {}),
@@ -132,6 +161,19 @@ CASES = {
         (BOXES, tf.constant([[120.0, 100.0, 60.0, 50.0, 0.5, 0.5]])),
         {},
     ),
+    "SegmentProposalHead": lambda: (_segment_head(), (_pyramid(), INFO), {}),
+    "SegmentProposalOutputs": lambda: (
+        SegmentProposalOutputs(),
+        (_segment_head()(_pyramid(), INFO), INFO),
+        {},
+    ),
+    "MergeSegmentProposals": lambda: (
+        MergeSegmentProposals(25),
+        ([_segment_outputs(), _segment_outputs()],),
+        {},
+    ),
+    "ResizeImages": lambda: (ResizeImages(0.75, 16), (_rand(1, 64, 48, 3, high=255.0), INFO), {}),
+    "SegmentProposer": _segment_model_case,
 }
 
 

@@ -80,7 +80,9 @@ def served_model_config(model) -> ModelConfig:
     if hasattr(model, "served_config"):  # a detector that knows where its settings live
         return model.served_config()
     cfg = model.config
-    gen = model.detection_generator
+    gen = getattr(model, "detection_generator", None)
+    if gen is None:  # a proposal model (e.g. segment proposals): nothing to record
+        return cfg
     roi_head = dataclasses.replace(
         cfg.roi_head,
         score_threshold=float(gen.score_threshold),

@@ -42,6 +42,13 @@ Mask models (outputs holding ``detection_masks``, e.g. Mask R-CNN) add:
   ``full_image_max_pixels`` (default 1024 x 1024) original pixels fails the
   request with an InvalidArgumentError naming the cap, since pasting holds
   ``B * D * h * w`` float32 values (400 MB for 100 detections at 1 megapixel).
+
+A model whose outputs hold ``proposal_masks`` (the segment proposer, paper §6)
+returns instead (N = ``segment.proposals_per_image``): ``proposal_boxes`` float32
+``[B, N, 4]`` (the window each mask covers, original pixels, not clipped),
+``proposal_boxes_normalized``, ``proposal_scores`` ``[B, N]`` (decreasing),
+``proposal_masks`` float32 ``[B, N, S, S]`` probabilities over the window, and
+``num_proposals`` int32 ``[B]``.
 """
 
 from __future__ import annotations
@@ -74,6 +81,7 @@ OUTPUT_KEYS = (
     "num_detections",
 )
 MASK_OUTPUT_KEYS = ("detection_masks", "detection_masks_image")
+PROPOSAL_OUTPUT_KEYS = ("proposal_boxes", "proposal_scores", "proposal_masks", "num_proposals")
 IMAGE_FEATURE = "image/encoded"
 # Cap on an image's pixel count (height x width), checked on the size its header
 # declares BEFORE decoding and again on the decoded size: 50 MP is ~150 MB as RGB
@@ -286,9 +294,13 @@ class DetectionModule(tf.Module):
         Returns: the dict of OUTPUT_KEYS (module docstring).
         """
         outputs = self._model({"images": images, "image_info": image_info}, training=False)
+        orig_hw = tf.tile(image_info[:, 0:2], [1, 2])[:, None, :]
+        if "proposal_masks" in outputs:  # segment proposals: class-agnostic, passed through
+            result = {k: outputs[k] for k in PROPOSAL_OUTPUT_KEYS}
+            result["proposal_boxes_normalized"] = outputs["proposal_boxes"] / orig_hw
+            return result
         boxes = outputs["detection_boxes"]
-        orig_hw = image_info[:, 0:2]
-        normalized = boxes / tf.tile(orig_hw, [1, 2])[:, None, :]
+        normalized = boxes / orig_hw
         classes = tf.cast(self.label_map.to_category_id_tf(outputs["detection_classes"]), tf.int32)
         result = {
             "detection_boxes": boxes,

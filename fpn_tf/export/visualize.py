@@ -89,3 +89,30 @@ def _fill_masks(image, masks, scores, category_ids, min_score: float, alpha: flo
         colour = np.asarray(class_colour(int(category_ids[i])), np.float32)
         out[mask] = (1.0 - alpha) * out[mask] + alpha * colour
     return np.round(out).astype(np.uint8)
+
+
+def draw_segments(image: np.ndarray, masks: Sequence[np.ndarray], scores: Sequence[float], alpha=0.45):
+    """Blends each binary mask ``[h, w]`` over a copy of ``image`` in its own colour, score at its top-left.
+
+    Segment proposals (class-agnostic) are coloured by rank; the lowest score is drawn first.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"draw_segments needs a uint8 [h, w, 3] image, got {image.dtype} {image.shape}")
+    if len(masks) != len(scores):
+        raise ValueError(f"draw_segments: {len(masks)} masks and {len(scores)} scores differ in number")
+    out = image.astype(np.float32)
+    order = np.argsort(np.asarray(scores, np.float32), kind="stable")
+    for rank, i in enumerate(order):
+        mask = np.asarray(masks[i], bool)
+        out[mask] = (1 - alpha) * out[mask] + alpha * np.array(class_colour(len(order) - rank), np.float32)
+    canvas = Image.fromarray(out.round().astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=max(10, round(min(image.shape[:2]) / 40)))
+    for i in order:
+        ys, xs = np.nonzero(np.asarray(masks[i], bool))
+        if len(ys):
+            draw.text(
+                (int(xs.min()), int(ys.min())), f"{float(scores[i]):.2f}", fill=(255, 255, 255), font=font
+            )
+    return canvas

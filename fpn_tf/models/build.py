@@ -15,6 +15,7 @@ MODEL_TYPES: dict[str, str] = {
     "faster_rcnn": "fpn_tf.models.faster_rcnn:FasterRCNN",
     "mask_rcnn": "fpn_tf.models.mask_rcnn:MaskRCNN",
     "retinanet": "fpn_tf.models.retinanet:RetinaNet",
+    "segment_proposals": "fpn_tf.models.segment_proposals:SegmentProposer",
 }
 assert set(MODEL_TYPES) == set(CONFIG_MODEL_TYPES), "fpn_tf.config.MODEL_TYPES and MODEL_TYPES differ"
 
