@@ -217,6 +217,8 @@ RULES: dict[type, dict[str, Any]] = {
         "max_checkpoints_to_keep": AT_LEAST_1,
         "log_every": AT_LEAST_1,
         "eval_every": NON_NEGATIVE,  # 0: no evaluation during training
+        "initial_loss_scale": POSITIVE,  # mixed_float16
+        "loss_scale_growth_steps": AT_LEAST_1,
         "seed": NON_NEGATIVE,
     },
     C.EvalConfig: {
