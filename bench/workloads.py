@@ -251,6 +251,7 @@ class TorchvisionWorkload:
         h, w = self.spec["height"], self.spec["width"]
         return {
             "framework": f"torch {torch.__version__}, torchvision {torchvision.__version__}",
+            "torchvision_model": TORCHVISION_MODELS[self.spec.get("model", "faster_rcnn")],
             "network_input": [padded(h, 32), padded(w, 32)],
             "compute_dtype": "float32",
             "xla": False,
