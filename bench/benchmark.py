@@ -1,10 +1,12 @@
-"""Speed and memory of fpn_tf's Faster R-CNN + FPN, side by side with torchvision.
+"""Speed and memory of fpn_tf's Faster R-CNN (or RetinaNet) + FPN, side by side with torchvision.
 
     python bench/benchmark.py                              # fpn_tf only, the full grid
     python bench/benchmark.py --compare=torchvision        # + torchvision, alternating
     python bench/benchmark.py --tiny                       # seconds: the smoke test's run
     python bench/benchmark.py --tasks=inference --sizes=512x512 --batch_sizes=1 \\
         --impls=keras,keras_bf16 --compare=torchvision --repeats=5
+    python bench/benchmark.py --model=retinanet --compare=torchvision --tasks=inference \
+        --sizes=800x1333 --batch_sizes=1 --impls=keras,keras_bf16 --repeats=3
 
 Measures, for each group (task, image size, batch):
 - inference latency of one batch: the Keras model in a ``tf.function`` without
@@ -15,6 +17,11 @@ Measures, for each group (task, image size, batch):
   ``tf.function``), reported per image;
 - with ``--compare=torchvision``: torchvision's ``fasterrcnn_resnet50_fpn(weights=None,
   weights_backbone=None)`` on the same images, when torch is importable.
+
+``--model=retinanet`` benchmarks ``fpn_tf.build_retinanet(preset="torchvision_v1")``
+(R50, P3..P7, 91 classes; ``--config`` / ``--override`` apply on top) against
+torchvision's ``retinanet_resnet50_fpn(weights=None, weights_backbone=None)`` the
+same way: same images, same groups, same alternation.
 
 Every configuration runs in its own process (``--isolate``, the default), so its
 peak resident memory (``ru_maxrss``) is its own; the parent alternates the
@@ -60,6 +67,9 @@ from bench import workloads  # noqa: E402
 from bench.peak import summarise as summarise_peak  # noqa: E402
 
 FLAGS = flags.FLAGS
+flags.DEFINE_enum(
+    "model", "faster_rcnn", ["faster_rcnn", "retinanet"], "the detector (and torchvision's counterpart)"
+)
 flags.DEFINE_list("tasks", ["inference", "train"], "inference and/or train")
 flags.DEFINE_list("sizes", ["800x1333", "512x512"], "inference image sizes HxW (before padding)")
 flags.DEFINE_list("batch_sizes", ["1", "4"], "inference batch sizes")
@@ -126,6 +136,37 @@ def tiny_model_config() -> dict:
         roi_head=RoIHeadConfig(batch_size_per_image=64, fc_dim=128, detections_per_image=20),
         input=InputConfig(min_size=128, max_size=128, max_gt_boxes=8),
     )
+    return to_dict(cfg)
+
+
+def tiny_retinanet_config() -> dict:
+    """A narrow ResNet-18 + FPN(d=32) RetinaNet on P3..P7 for 128 px images (as tests/tiny_retinanet.py)."""
+    from fpn_tf.config import ModelConfig, from_dict, to_dict
+
+    values = {
+        "type": "retinanet",
+        "num_classes": 4,
+        "backbone": {"name": "resnet18", "width_multiplier": 0.25},
+        "fpn": {"num_channels": 32},
+        "anchors": {"sizes": [12.0, 24.0, 48.0, 96.0, 192.0]},
+        "retinanet": {"topk_candidates": 200, "detections_per_image": 20},
+        "input": {"min_size": 128, "max_size": 128, "max_gt_boxes": 8},
+    }
+    return to_dict(from_dict(ModelConfig, values))
+
+
+def model_config_for_flags() -> dict:
+    """The benchmarked ModelConfig (a dict) of --model, --tiny, --config and --override."""
+    from fpn_tf.config import load_config, to_dict
+
+    if FLAGS.tiny:
+        return tiny_retinanet_config() if FLAGS.model == "retinanet" else tiny_model_config()
+    overrides = list(FLAGS.override)
+    if FLAGS.model == "retinanet" and not FLAGS.config:
+        overrides = ["model.type=retinanet", "model.preset=torchvision_v1"] + overrides
+    cfg = load_config(FLAGS.config, overrides).model
+    if cfg.type != FLAGS.model:
+        raise app.UsageError(f"--model={FLAGS.model} but the config's model.type is {cfg.type!r}")
     return to_dict(cfg)
 
 
@@ -226,6 +267,7 @@ def base_spec(model_config: dict) -> dict:
         "intra_op_threads": FLAGS.intra_op_threads,
         "inter_op_threads": FLAGS.inter_op_threads,
         "count_flops": FLAGS.count_flops,
+        "model": FLAGS.model,
     }
 
 
@@ -294,6 +336,7 @@ def run_group(
             height=group.height,
             width=group.width,
             batch=group.batch,
+            model=FLAGS.model,
             median_s=statistics.median(times),
             min_s=min(times),
             median_cpu_s=statistics.median(result["cpu_times_s"]),
@@ -393,12 +436,7 @@ def format_table(results: list[dict]) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    from fpn_tf.config import load_config, to_dict
-
-    if FLAGS.tiny:
-        model_config = tiny_model_config()
-    else:
-        model_config = to_dict(load_config(FLAGS.config, FLAGS.override).model)
+    model_config = model_config_for_flags()
     peer = FLAGS.compare or None
     if peer == "torchvision" and not (
         importlib.util.find_spec("torch") and importlib.util.find_spec("torchvision")
@@ -410,6 +448,7 @@ def main(argv):
     meta = {
         "date_utc": started.isoformat(timespec="seconds"),
         "command": " ".join([os.path.relpath(sys.argv[0], _ROOT)] + sys.argv[1:]),
+        "model": FLAGS.model,
         "machine": machine_info(),
         "load_average_before": list(os.getloadavg()),
         "repeats": 1 if FLAGS.tiny else FLAGS.repeats,
@@ -421,7 +460,8 @@ def main(argv):
     }
     machine = meta["machine"]
     print(
-        f"{machine['cpu']}, {machine['cores']} cores, ISA {' '.join(machine['isa']) or '-'}; "
+        f"model {FLAGS.model}; {machine['cpu']}, {machine['cores']} cores, "
+        f"ISA {' '.join(machine['isa']) or '-'}; "
         f"load average {meta['load_average_before'][0]:.2f}",
         flush=True,
     )

@@ -150,7 +150,8 @@ def main(argv):
         report = json.load(f)
     meta = report["meta"]
     machine = meta["machine"]
-    print(f"Run of {meta['date_utc']}: `{meta['command']}`")
+    model = meta.get("model", "faster_rcnn")
+    print(f"Run of {meta['date_utc']}: `{meta['command']}` (model {model})")
     print(
         f"Machine: {machine['cpu']}, {machine['cores']} cores, ISA {', '.join(machine['isa'])}, "
         f"{machine['memory_gb']} GB; {', '.join(f'{k} {v}' for k, v in machine['versions'].items())}."
@@ -164,8 +165,9 @@ def main(argv):
         f"{meta['wall_s'] / 60:.0f} min.\n"
     )
     print(results_table(report["results"]))
-    print()
-    print(floors_table(report["results"]))
+    if model == "faster_rcnn":  # the floors are Faster R-CNN's
+        print()
+        print(floors_table(report["results"]))
     if report.get("errors"):
         print("\nErrors:\n" + "\n".join(report["errors"]))
     if FLAGS.profile:

@@ -12,7 +12,9 @@ spec keys:
     "torchvision"
   task: "inference" | "train"
   height, width: the image size (before padding); batch: images per call
-  model_config: fpn_tf ModelConfig as a dict (fpn_tf only)
+  model: "faster_rcnn" (default) | "retinanet": the detector (torchvision's
+    ``fasterrcnn_resnet50_fpn`` or ``retinanet_resnet50_fpn`` for the peer)
+  model_config: fpn_tf ModelConfig as a dict (fpn_tf only; its ``type`` is the model)
   saved_model_dir: an exported version directory (saved_model impls)
   seed, intra_op_threads, inter_op_threads, count_flops
 """
@@ -102,7 +104,7 @@ class FpnTfWorkload:
         import keras
         import tensorflow as tf
 
-        from fpn_tf.models.faster_rcnn import build_faster_rcnn
+        from fpn_tf.models.build import build_model
 
         cfg = self._config()
         self.inputs = self._inputs(cfg)
@@ -115,7 +117,7 @@ class FpnTfWorkload:
             self._fn()
             return
         keras.utils.set_random_seed(self.spec.get("seed", 0))
-        model = build_faster_rcnn(config=cfg)
+        model = build_model(cfg)
         self.model = model
         jit = self.impl == "keras_xla"
         if self.task == "inference":
@@ -180,8 +182,12 @@ class FpnTfWorkload:
 
 
 # ------------------------------------------------------------------ torchvision
+TORCHVISION_MODELS = {"faster_rcnn": "fasterrcnn_resnet50_fpn", "retinanet": "retinanet_resnet50_fpn"}
+
+
 class TorchvisionWorkload:
-    """torchvision ``fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)``.
+    """torchvision ``fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)``,
+    or ``retinanet_resnet50_fpn`` with ``spec["model"] == "retinanet"``.
 
     Inference under ``torch.inference_mode()`` in eval mode; training = one SGD
     step (forward with targets, backward, ``optimizer.step()``) in train mode.
@@ -200,9 +206,8 @@ class TorchvisionWorkload:
         torch.manual_seed(self.spec.get("seed", 0))
         h, w, b = self.spec["height"], self.spec["width"], self.spec["batch"]
         kwargs = {"min_size": min(h, w), "max_size": max(h, w)}
-        model = torchvision.models.detection.fasterrcnn_resnet50_fpn(
-            weights=None, weights_backbone=None, **kwargs
-        )
+        name = TORCHVISION_MODELS[self.spec.get("model", "faster_rcnn")]
+        model = getattr(torchvision.models.detection, name)(weights=None, weights_backbone=None, **kwargs)
         self.model = model
         generator = torch.Generator().manual_seed(self.spec.get("seed", 0))
         self.images = [torch.rand(3, h, w, generator=generator) for _ in range(b)]
@@ -246,6 +251,7 @@ class TorchvisionWorkload:
         h, w = self.spec["height"], self.spec["width"]
         return {
             "framework": f"torch {torch.__version__}, torchvision {torchvision.__version__}",
+            "torchvision_model": TORCHVISION_MODELS[self.spec.get("model", "faster_rcnn")],
             "network_input": [padded(h, 32), padded(w, 32)],
             "compute_dtype": "float32",
             "xla": False,
@@ -289,11 +295,11 @@ def export_for_benchmark(model_config: dict, compute_dtype: str, export_base: st
 
     from fpn_tf.config import ModelConfig, from_dict
     from fpn_tf.export.saved_model import export_saved_model
-    from fpn_tf.models.faster_rcnn import build_faster_rcnn
+    from fpn_tf.models.build import build_model
 
     keras.utils.set_random_seed(seed)
     cfg = dataclasses.replace(from_dict(ModelConfig, model_config), compute_dtype=compute_dtype)
-    model = build_faster_rcnn(config=cfg)
+    model = build_model(cfg)
     return export_saved_model(model, export_base, f"bench_{compute_dtype}")
 
 

@@ -102,3 +102,39 @@ def test_bad_sizes_are_rejected_with_a_clear_message(tmp_path):
     )
     assert proc.returncode != 0
     assert "800by1333" in proc.stderr and "HEIGHTxWIDTH" in proc.stderr
+
+
+def test_tiny_retinanet_benchmark_has_rows_beside_torchvision_retinanet(tmp_path):
+    args = ["--model=retinanet", "--noisolate", "--tasks=inference", "--impls=keras,keras_bf16"]
+    args += ["--nomeasure_peak"]
+    if HAS_TORCHVISION:
+        args.append("--compare=torchvision")
+    report = _run(tmp_path, *args)
+    assert report["errors"] == [] and report["meta"]["model"] == "retinanet"
+    assert report["meta"]["model_config"]["type"] == "retinanet"
+    rows = {r["impl"]: r for r in report["results"]}
+    assert set(rows) == {"keras", "keras_bf16"} | ({"torchvision"} if HAS_TORCHVISION else set())
+    for row in rows.values():
+        assert row["model"] == "retinanet" and row["median_s"] > 0 and row["flops"] > 0
+    assert rows["keras_bf16"]["flops"] == rows["keras"]["flops"]
+    if HAS_TORCHVISION:
+        assert rows["keras"]["vs_torchvision"] > 0
+        assert rows["torchvision"]["torchvision_model"] == "retinanet_resnet50_fpn"
+
+
+def test_model_flag_must_match_the_config_type(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "bench", "benchmark.py"),
+            "--model=retinanet",
+            "--config=" + os.path.join(ROOT, "configs", "demo.yaml"),
+            "--tasks=inference",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode != 0
+    assert "--model=retinanet" in proc.stderr and "'faster_rcnn'" in proc.stderr
