@@ -137,6 +137,51 @@ class _Results:
         return metrics
 
 
+def _run(dataset, detect, propose, limit: int, rpn_only: bool, label_map) -> tuple[_Results, float]:
+    """Runs ``detect`` (and ``propose``) over the eval batches; (results, wall seconds)."""
+    results = _Results()
+    start = time.perf_counter()
+    for batch in dataset:
+        ids = batch["image_id"].numpy()
+        if limit > 0:
+            keep = min(len(ids), limit - len(results.image_ids))
+            if keep <= 0:
+                break
+            batch = {k: v[:keep] for k, v in batch.items()}
+            ids = ids[:keep]
+        images, image_info = batch["images"], batch["image_info"]
+        if not rpn_only:
+            tick = time.perf_counter()
+            out = {k: v.numpy() for k, v in detect(images, image_info).items()}
+            if results.image_ids:  # the first batch traces the function: not timed
+                results.model_seconds += time.perf_counter() - tick
+                results.timed_images += len(ids)
+            results.add_outputs(ids, out, image_info.numpy()[:, 0:2], label_map)
+        if propose is not None:
+            p = propose(images, image_info)
+            results.proposals += proposals_to_coco(
+                ids, p["proposal_boxes"].numpy(), p["proposal_scores"].numpy(), p["num_proposals"].numpy()
+            )
+        results.image_ids += [int(i) for i in ids]
+    seconds = time.perf_counter() - start
+    if not results.image_ids:
+        raise ValueError("the eval split yielded no images")
+    return results, seconds
+
+
+def _record(metrics: dict, metrics_path, prefix, saved_model, step: int, model_dir) -> None:
+    """Writes the metrics JSON (default ``<checkpoint>.metrics.json``) and TensorBoard ``eval/`` scalars."""
+    if metrics_path is None and prefix is not None:
+        metrics_path = prefix + ".metrics.json"
+    if metrics_path:
+        record = {"checkpoint": prefix, "saved_model": saved_model, "step": step, "metrics": metrics}
+        with open(metrics_path, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+    if model_dir and step >= 0:
+        writer = tf.summary.create_file_writer(os.path.join(model_dir, "eval"))
+        write_scalars(writer, {f"eval/{k}": v for k, v in metrics.items() if k != "num_images"}, step)
+
+
 def evaluate(
     config: ExperimentConfig,
     model_dir: str | None = None,
@@ -172,6 +217,9 @@ def evaluate(
         COCO metrics (fractions; see ``coco_evaluator``), ``segm_*`` mask metrics
         for mask models, ``AR@…`` when
         proposals are evaluated, ``num_images`` and ``seconds_per_image``.
+
+    Long by this docstring and its argument checks; the work is ``_run``, ``_Results``
+    and ``_record``.
     """
     rpn_only = config.model.rpn_only
     proposals = rpn_only if proposals is None else bool(proposals)
@@ -204,33 +252,7 @@ def evaluate(
             )
         detect, propose = _predict_fns(model, proposals, xla)
 
-    results = _Results()
-    start = time.perf_counter()
-    for batch in dataset:
-        ids = batch["image_id"].numpy()
-        if limit > 0:
-            keep = min(len(ids), limit - len(results.image_ids))
-            if keep <= 0:
-                break
-            batch = {k: v[:keep] for k, v in batch.items()}
-            ids = ids[:keep]
-        images, image_info = batch["images"], batch["image_info"]
-        if not rpn_only:
-            tick = time.perf_counter()
-            out = {k: v.numpy() for k, v in detect(images, image_info).items()}
-            if results.image_ids:  # the first batch traces the function: not timed
-                results.model_seconds += time.perf_counter() - tick
-                results.timed_images += len(ids)
-            results.add_outputs(ids, out, image_info.numpy()[:, 0:2], label_map)
-        if propose is not None:
-            p = propose(images, image_info)
-            results.proposals += proposals_to_coco(
-                ids, p["proposal_boxes"].numpy(), p["proposal_scores"].numpy(), p["num_proposals"].numpy()
-            )
-        results.image_ids += [int(i) for i in ids]
-    seconds = time.perf_counter() - start
-    if not results.image_ids:
-        raise ValueError("the eval split yielded no images")
+    results, seconds = _run(dataset, detect, propose, limit, rpn_only, label_map)
     image_ids = results.image_ids
     metrics = results.metrics(info.coco_gt, proposals, rpn_only)
     metrics["num_images"] = len(image_ids)
@@ -239,15 +261,7 @@ def evaluate(
         metrics["model_seconds_per_image"] = results.model_seconds / results.timed_images
     logging.info("%s", format_metrics(metrics))
 
-    if metrics_path is None and prefix is not None:
-        metrics_path = prefix + ".metrics.json"
-    if metrics_path:
-        record = {"checkpoint": prefix, "saved_model": saved_model, "step": step, "metrics": metrics}
-        with open(metrics_path, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2)
-    if model_dir and step >= 0:
-        writer = tf.summary.create_file_writer(os.path.join(model_dir, "eval"))
-        write_scalars(writer, {f"eval/{k}": v for k, v in metrics.items() if k != "num_images"}, step)
+    _record(metrics, metrics_path, prefix, saved_model, step, model_dir)
     return metrics
 
 
