@@ -20,7 +20,7 @@ import keras
 import tensorflow as tf
 
 from fpn_tf.config import AnchorConfig, RetinaNetConfig, from_dict
-from fpn_tf.models.detection_generator import padded_detections
+from fpn_tf.models.detection_generator import detection_output_spec, padded_detections
 from fpn_tf.ops import anchors as anchor_ops
 from fpn_tf.ops import box_coder, box_ops
 
@@ -149,12 +149,7 @@ class DenseDetectionGenerator(keras.layers.Layer):
 
     def compute_output_spec(self, head_outputs, image_info, anchors=None):
         b, d = image_info.shape[0], self.detections_per_image
-        return {
-            "detection_boxes": keras.KerasTensor((b, d, 4), dtype="float32"),
-            "detection_scores": keras.KerasTensor((b, d), dtype="float32"),
-            "detection_classes": keras.KerasTensor((b, d), dtype="int32"),
-            "num_detections": keras.KerasTensor((b,), dtype="int32"),
-        }
+        return detection_output_spec(b, d)
 
     def get_config(self):
         return {

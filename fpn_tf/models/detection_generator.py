@@ -51,6 +51,17 @@ def padded_detections(boxes, scores, classes, image_info, max_detections, nms_io
     }
 
 
+def detection_output_spec(batch, max_detections: int) -> dict:
+    """KerasTensor specs of ``padded_detections``' outputs."""
+    b, d = batch, max_detections
+    return {
+        "detection_boxes": keras.KerasTensor((b, d, 4), dtype="float32"),
+        "detection_scores": keras.KerasTensor((b, d), dtype="float32"),
+        "detection_classes": keras.KerasTensor((b, d), dtype="int32"),
+        "num_detections": keras.KerasTensor((b,), dtype="int32"),
+    }
+
+
 @keras.saving.register_keras_serializable(package="fpn_tf")
 class ToOriginalPixels(keras.layers.Layer):
     """Layer form of ``to_original_pixels``: boxes [B, N, 4], image_info [B, 6] -> [B, N, 4]."""
@@ -135,12 +146,7 @@ class DetectionGenerator(keras.layers.Layer):
 
     def compute_output_spec(self, class_logits, box_deltas, proposals, proposal_valid, image_info):
         b, d = class_logits.shape[0], self.detections_per_image
-        return {
-            "detection_boxes": keras.KerasTensor((b, d, 4), dtype="float32"),
-            "detection_scores": keras.KerasTensor((b, d), dtype="float32"),
-            "detection_classes": keras.KerasTensor((b, d), dtype="int32"),
-            "num_detections": keras.KerasTensor((b,), dtype="int32"),
-        }
+        return detection_output_spec(b, d)
 
     def get_config(self):
         return {
