@@ -248,6 +248,7 @@ def test_chart_bars_are_proportional_to_the_values(tmp_path):
 
 
 # ------------------------------------------------------------------ the script, tiny
+@pytest.mark.slow
 def test_tiny_run_fills_tables_and_resumes(tmp_path, capsys):
     out, doc, chart = tmp_path / "runs", tmp_path / "ablations.md", tmp_path / "ablations.png"
     argv = ["--tiny", f"--out_dir={out}", f"--doc={doc}", f"--chart={chart}"]

@@ -92,6 +92,7 @@ def test_losses_finite_for_background_only_and_crowded_images():
     assert losses["rpn_box_loss"].numpy() > 0
 
 
+@pytest.mark.slow
 def test_train_step_compiles_with_xla_and_matches_graph_mode():
     cfg = tiny_model_config(num_classes=4)
     model = fpn_tf.build_faster_rcnn(config=cfg)

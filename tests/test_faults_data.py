@@ -176,6 +176,7 @@ def test_fault_image_size_differs_from_annotations_names_the_file(tmp_path):
 # ------------------------------------------------------------------ scripts/check_dataset.py
 
 
+@pytest.mark.slow
 def test_fault_check_dataset_lists_every_problem(tmp_path):
     """scripts/check_dataset.py on a folder with several faults -> every one listed, exit status 1."""
     anns = [

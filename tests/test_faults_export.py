@@ -63,6 +63,7 @@ def _error(fn, *args) -> str:
 # --------------------------------------------------------------------- serving
 
 
+@pytest.mark.slow
 def test_fault_huge_png_is_refused_before_decoding(module):
     """8000x8000 PNG (~80 KB) in a request -> 'image too large: element 1 ... declares', never decoded."""
     huge = encoded("PNG", size=(8000, 8000), mode="L")

@@ -472,6 +472,7 @@ def test_saved_model_in_a_fresh_process_matches(parity):
 
 
 # ------------------------------------------------------------------ scripts/import_torchvision.py
+@pytest.mark.slow
 def test_import_script_writes_a_training_directory(tiny_pair, tmp_path):
     from fpn_tf.data.label_map import LabelMap
     from fpn_tf.export.saved_model import experiment_config, read_label_map, restore_model

@@ -484,6 +484,7 @@ def tiny_experiment(tmp_path, train_steps: int = 4, **train_overrides) -> Experi
     return ExperimentConfig(model=model, data=data, train=train, eval=EvalConfig(batch_size=2))
 
 
+@pytest.mark.slow
 def test_train_then_evaluate_faster_rcnn(tmp_path):
     """train() and evaluate() on the real model and data pipeline, over 2 mirrored CPUs."""
     config = tiny_experiment(tmp_path, train_steps=3, checkpoint_every=2)
