@@ -25,7 +25,7 @@ from fpn_tf.models.detection_generator import DetectionGenerator, ToOriginalPixe
 from fpn_tf.models.detector import Detector, compute_policy, dtype_policy, image_seeds
 from fpn_tf.models.fpn_backbone import build_fpn_backbone, fpn_output_specs
 from fpn_tf.models.presets import resolve_model_config
-from fpn_tf.models.roi_pooler import RoIPooler, pooled_levels
+from fpn_tf.models.roi_pooler import roi_pooler_from_config
 from fpn_tf.ops import anchors as anchor_ops
 from fpn_tf.ops.box_ops import to_original_pixels
 
@@ -95,16 +95,8 @@ class FasterRCNN(Detector):
         self.proposal_generator = rpn_lib.ProposalGenerator(
             to_dict(cfg.anchors), to_dict(cfg.rpn), self.levels, dtype="float32", name="proposal_generator"
         )
-        self.roi_pooler = RoIPooler(
-            pooled_levels(self.levels, r.min_level, r.max_level),
-            r.pooler_resolution,
-            r.sampling_ratio,
-            r.aligned,
-            r.canonical_size,
-            r.canonical_level,
-            dtype="float32",
-            autocast=False,
-            name="roi_pooler",
+        self.roi_pooler = roi_pooler_from_config(
+            cfg, self.levels, r.pooler_resolution, r.sampling_ratio, name="roi_pooler"
         )
         self.detection_generator = DetectionGenerator(
             r.score_threshold,

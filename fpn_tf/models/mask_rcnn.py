@@ -34,7 +34,7 @@ from fpn_tf.models.faster_rcnn import LOSS_KEYS as BOX_LOSS_KEYS
 from fpn_tf.models.faster_rcnn import FasterRCNN
 from fpn_tf.models.mask_head import ClassMasks, MaskHead, ToInputPixels
 from fpn_tf.models.presets import resolve_model_config
-from fpn_tf.models.roi_pooler import RoIPooler, pooled_levels
+from fpn_tf.models.roi_pooler import roi_pooler_from_config
 from fpn_tf.ops import mask_ops
 
 LOSS_KEYS = BOX_LOSS_KEYS[:-1] + ("mask_loss", "total_loss")
@@ -67,19 +67,11 @@ class MaskRCNN(FasterRCNN):
         if cfg.roi_head.head != "2fc":
             raise ValueError(f"mask_rcnn supports roi_head.head '2fc' only, got {cfg.roi_head.head!r}")
         super().build_layers(cfg)
-        m, r = cfg.mask_head, cfg.roi_head
+        m = cfg.mask_head
         with dtype_policy(compute_policy(cfg)):
             self.mask_head = MaskHead(cfg.num_classes, m.num_convs, m.conv_channels, name="mask_head")
-        self.mask_pooler = RoIPooler(
-            pooled_levels(self.levels, r.min_level, r.max_level),
-            m.pooler_resolution,
-            m.sampling_ratio,
-            r.aligned,
-            r.canonical_size,
-            r.canonical_level,
-            dtype="float32",
-            autocast=False,
-            name="mask_pooler",
+        self.mask_pooler = roi_pooler_from_config(
+            cfg, self.levels, m.pooler_resolution, m.sampling_ratio, name="mask_pooler"
         )
         self.detections_to_input = ToInputPixels(dtype="float32", name="detections_to_input")
         self.class_masks = ClassMasks(dtype="float32", name="class_masks")

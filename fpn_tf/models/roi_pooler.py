@@ -129,3 +129,25 @@ class RoIPooler(keras.layers.Layer):
             "canonical_level": self.canonical_level,
             "jit_compile": self.jit_compile,
         }
+
+
+def roi_pooler_from_config(
+    cfg, levels: list[str], output_size: int, sampling_ratio: int, name: str
+) -> RoIPooler:
+    """A float32 RoIPooler on ``cfg.roi_head``'s levels and eq. (1) settings (``cfg``: a ModelConfig).
+
+    The box branch (7×7) and Mask R-CNN's mask branch (14×14) differ only in
+    ``output_size`` / ``sampling_ratio``.
+    """
+    r = cfg.roi_head
+    return RoIPooler(
+        pooled_levels(levels, r.min_level, r.max_level),
+        output_size,
+        sampling_ratio,
+        r.aligned,
+        r.canonical_size,
+        r.canonical_level,
+        dtype="float32",
+        autocast=False,
+        name=name,
+    )
