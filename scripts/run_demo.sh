@@ -20,6 +20,9 @@ export FPN_TF_CACHE=${FPN_TF_CACHE:-$PWD/runs/cache}
 $PY scripts/train.py --config configs/demo.yaml --model_dir "$MODEL_DIR" "$@"
 $PY scripts/evaluate.py --model_dir "$MODEL_DIR"
 $PY scripts/export.py --model_dir "$MODEL_DIR" --export_dir saved_models --name demo
-IMAGE=$(ls "$FPN_TF_CACHE"/synthetic/*/val/images/*.png | head -1)
+# A glob, not `ls | head`: under pipefail, head closing the pipe early can kill ls with
+# SIGPIPE (exit 141) and stop the script after the export.
+IMAGES=("$FPN_TF_CACHE"/synthetic/*/val/images/*.png)
+IMAGE=${IMAGES[0]}
 $PY scripts/predict.py --saved_model saved_models/demo --inputs "$IMAGE" --output_dir "$MODEL_DIR/predictions"
 echo "demo done: metrics in $MODEL_DIR, SavedModel in saved_models/demo, predictions in $MODEL_DIR/predictions"
