@@ -6,6 +6,9 @@
 Each part runs as its own ``tf.function`` on the previous part's outputs: pixel
 normalisation + ResNet body, FPN (+P6), RPN head, proposals (top-k, decode,
 NMS), RoIAlign, box head (2 fc + predictors), detections (decode, per-class NMS).
+The whole model, ``model(inputs, training=False)`` in one ``tf.function`` as the
+benchmark's ``keras`` row runs it, is timed in the same rounds: the difference from
+the sum of the parts is what only the whole graph costs (or saves).
 Every part is timed in float32 without XLA (the ``keras`` benchmark), in float32
 with XLA (``jit_compile=True``) and in ``compute_dtype="mixed_bfloat16"`` without
 XLA; the FLOPs of each part come from its traced graph (``bench.flops``). These
@@ -48,6 +51,7 @@ PARTS = (
     "box head (2 fc + predictors)",
     "detections (decode, class NMS)",
 )
+WHOLE = "whole model (one tf.function)"
 VARIANTS = (("float32", False), ("float32", True), ("mixed_bfloat16", False))
 
 
@@ -147,8 +151,11 @@ def profile(height: int, width: int, batch: int, repeats: int) -> list[dict]:
                 row["gflop"] = tf_flops(function.get_concrete_function(*args)) / 1e9
             outputs.append(out)
             steps.append((function, args))
-        chains[key] = steps
-    times = {key: [[] for _ in PARTS] for key in chains}
+        whole = tf.function(lambda x, model=models[dtype]: model(x, training=False), jit_compile=jit)
+        materialise(whole(inputs))
+        chains[key] = steps + [(whole, (inputs,))]
+    rows.append({"part": WHOLE, "gflop": sum(r["gflop"] for r in rows)})
+    times = {key: [[] for _ in rows] for key in chains}
     for _ in range(repeats + 1):  # the first round is a warm-up
         for key, steps in chains.items():
             for k, (function, args) in enumerate(steps):
@@ -181,7 +188,8 @@ def main(argv):
     )
     print(header + "\n" + "-" * len(header))
     totals = {"f32_graph": 0.0, "f32_xla": 0.0, "bf16_graph": 0.0}
-    for r in rows:
+    parts, whole = rows[:-1], rows[-1]
+    for r in parts:
         for key in totals:
             totals[key] += r[f"{key}_median_s"]
         rate32 = r["gflop"] / r["f32_graph_median_s"]
@@ -190,10 +198,15 @@ def main(argv):
             f"{r['part']:40s} {r['gflop']:7.1f} {r['f32_graph_median_s']:7.3f} {rate32:8.1f} "
             f"{r['f32_xla_median_s']:8.3f} {r['bf16_graph_median_s']:7.3f} {rate16:8.1f}"
         )
-    gflop = sum(r["gflop"] for r in rows)
+    gflop = whole["gflop"]
     print(
         f"{'sum of parts':40s} {gflop:7.1f} {totals['f32_graph']:7.3f} {gflop / totals['f32_graph']:8.1f} "
         f"{totals['f32_xla']:8.3f} {totals['bf16_graph']:7.3f} {gflop / totals['bf16_graph']:8.1f}"
+    )
+    w32, w16 = whole["f32_graph_median_s"], whole["bf16_graph_median_s"]
+    print(
+        f"{WHOLE:40s} {gflop:7.1f} {w32:7.3f} {gflop / w32:8.1f} "
+        f"{whole['f32_xla_median_s']:8.3f} {w16:7.3f} {gflop / w16:8.1f}"
     )
     print(f"\nload average before {before:.2f}, after {after:.2f}")
     if FLAGS.output:

@@ -127,19 +127,19 @@ def profile_table(profile: dict) -> str:
         "| part | GFLOP | float32 s | GFLOP/s | float32 + XLA s | bfloat16 s | GFLOP/s |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    totals = [0.0, 0.0, 0.0, 0.0]
-    for p in profile["parts"]:
-        f32, xla, bf16 = p["f32_graph_median_s"], p["f32_xla_median_s"], p["bf16_graph_median_s"]
-        for i, v in enumerate((p["gflop"], f32, xla, bf16)):
-            totals[i] += v
-        lines.append(
-            f"| {p['part']} | {p['gflop']:.1f} | {f32:.3f} | {p['gflop'] / f32:.0f} | {xla:.3f} | {bf16:.3f} "
-            f"| {p['gflop'] / bf16:.0f} |"
-        )
-    g, f32, xla, bf16 = totals
-    lines.append(
-        f"| **sum** | {g:.1f} | {f32:.3f} | {g / f32:.0f} | {xla:.3f} | {bf16:.3f} | {g / bf16:.0f} |"
-    )
+
+    def row(name: str, g: float, f32: float, xla: float, bf16: float) -> str:
+        return f"| {name} | {g:.1f} | {f32:.3f} | {g / f32:.0f} | {xla:.3f} | {bf16:.3f} | {g / bf16:.0f} |"
+
+    keys = ("gflop", "f32_graph_median_s", "f32_xla_median_s", "bf16_graph_median_s")
+    # profile_parts.py writes the whole model as a last row (older files do not have it)
+    parts = [p for p in profile["parts"] if not p["part"].startswith("whole model")]
+    wholes = [p for p in profile["parts"] if p["part"].startswith("whole model")]
+    for p in parts:
+        lines.append(row(p["part"], *(p[k] for k in keys)))
+    lines.append(row("**sum of parts**", *(sum(p[k] for p in parts) for k in keys)))
+    for p in wholes:
+        lines.append(row(f"**{p['part']}**", *(p[k] for k in keys)))
     return "\n".join(lines)
 
 

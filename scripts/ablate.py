@@ -43,6 +43,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # doc_markers, also when loaded by path
+
+from doc_markers import write_between_markers  # noqa: E402
 
 from fpn_tf.config import ExperimentConfig, ModelConfig, load_config, to_dict  # noqa: E402
 
@@ -426,20 +429,7 @@ Made by `scripts/ablate.py`; everything between the markers below is rewritten b
 
 def write_doc(path: str, generated: str) -> None:
     """Replaces the text between the markers in ``path`` (or writes a new document)."""
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if BEGIN in text and END in text:
-            before = text[: text.index(BEGIN)]
-            after = text[text.index(END) + len(END) :]
-            text = before + generated + after
-        else:
-            text = text.rstrip("\n") + "\n\n" + generated + "\n"
-    else:
-        text = DOC_TEMPLATE.format(generated=generated)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    write_between_markers(path, generated, BEGIN, END, DOC_TEMPLATE)
 
 
 # ----------------------------------------------------------------------------- the chart

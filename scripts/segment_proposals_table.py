@@ -37,6 +37,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # doc_markers, also when loaded by path
+
+from doc_markers import write_between_markers  # noqa: E402
 
 from fpn_tf.config import ExperimentConfig, load_config, to_dict  # noqa: E402
 
@@ -196,18 +199,8 @@ Made by `scripts/segment_proposals_table.py`; everything between the markers bel
 
 
 def write_doc(path: str, generated: str) -> None:
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if BEGIN in text and END in text:
-            text = text[: text.index(BEGIN)] + generated + text[text.index(END) + len(END) :]
-        else:
-            text = text.rstrip("\n") + "\n\n" + generated + "\n"
-    else:
-        text = DOC_TEMPLATE.format(generated=generated)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    """Replaces the text between the markers in ``path`` (or writes a new document)."""
+    write_between_markers(path, generated, BEGIN, END, DOC_TEMPLATE)
 
 
 def draw_chart(results: dict, path: str, width: int = 900, height: int = 420) -> None:

@@ -43,7 +43,7 @@ def trained_tiny(tmp_path_factory):
     import keras
     import numpy as np
     import tensorflow as tf
-    from tiny import draw_shape_images, tiny_model_config
+    from tiny import cycle_batches, draw_shape_images, tiny_model_config, train_tiny
 
     import fpn_tf
 
@@ -52,24 +52,7 @@ def trained_tiny(tmp_path_factory):
     model = fpn_tf.build_faster_rcnn(config=cfg)
     data = draw_shape_images(20, size=128, seed=0)
     tensors = {k: tf.constant(v) for k, v in data.items()}
-    optimizer = keras.optimizers.Adam(learning_rate=2e-3)
-    variables = model.trainable_variables
-
-    @tf.function
-    def step(batch, i):
-        with tf.GradientTape() as tape:
-            losses = model.compute_losses(batch, training=True, step=i)
-        grads = tape.gradient(losses["total_loss"], variables)
-        grads, _ = tf.clip_by_global_norm(grads, 10.0)
-        optimizer.apply_gradients(zip(grads, variables))
-        return losses["total_loss"]
-
-    batch_size, losses = 4, []
-    for i in range(400):
-        start = (i * batch_size) % 20
-        losses.append(
-            float(step({k: v[start : start + batch_size] for k, v in tensors.items()}, tf.constant(i)))
-        )
+    losses = train_tiny(model, cycle_batches(tensors), steps=400)
     prefix = tf.train.Checkpoint(model=model).write(str(tmp_path_factory.mktemp("trained_tiny") / "model"))
     return {
         "config": cfg,

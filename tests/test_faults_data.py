@@ -4,7 +4,6 @@ image and that the user's files are unchanged (hashes before and after)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,19 +19,9 @@ from fpn_tf.config import DataConfig, InputConfig
 from fpn_tf.data import pipeline
 from fpn_tf.data.coco_json import load_coco_json
 from fpn_tf.data.pipeline import build_dataset
+from tests.tiny import tree_hashes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tree_hashes(folder) -> dict[str, str]:
-    """{relative path: sha256} of every file under ``folder``."""
-    out = {}
-    for dirpath, _dirs, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 def write_dataset(folder, bad: dict[str, bytes] | None = None, annotations=None, size=(24, 32)):

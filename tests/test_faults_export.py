@@ -3,7 +3,6 @@ permissions of an exported version, and predict.py never overwriting a user's fi
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -20,19 +19,9 @@ from PIL import Image
 from fpn_tf.export import saved_model as sm
 from fpn_tf.export.serving import DEFAULT_MAX_IMAGE_PIXELS, DetectionModule
 from fpn_tf.models.faster_rcnn import build_faster_rcnn
-from tests.tiny import tiny_model_config
+from tests.tiny import tiny_model_config, tree_hashes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tree_hashes(folder) -> dict[str, str]:
-    out = {}
-    for dirpath, _dirs, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 def encoded(fmt: str, size=(50, 40), mode="RGB") -> bytes:

@@ -41,7 +41,7 @@ from tests.test_torchvision_import import (
     compare_detections,
     photo_like_image,
 )
-from tests.tiny import draw_shape_images, tiny_model_config
+from tests.tiny import cycle_batches, draw_shape_images, tiny_model_config, train_tiny
 
 
 def _np(x) -> np.ndarray:
@@ -350,24 +350,8 @@ def test_overfits_twenty_shape_images_to_high_segm_ap50():
     keras.utils.set_random_seed(0)
     model = build_mask_rcnn(config=tiny_mask_config())
     tensors, full_masks = _tiny_batch(20, seed=0)
-    optimizer = keras.optimizers.Adam(learning_rate=2e-3)
-    variables = model.trainable_variables
-
-    @tf.function
-    def step(b, i):
-        with tf.GradientTape() as tape:
-            losses = model.compute_losses(b, training=True, step=i)
-        grads = tape.gradient(losses["total_loss"], variables)
-        grads, _ = tf.clip_by_global_norm(grads, 10.0)
-        optimizer.apply_gradients(zip(grads, variables))
-        return losses["mask_loss"]
-
-    batch_size, first, last = 4, [], []
-    for i in range(400):
-        start = (i * batch_size) % 20
-        b = {k: v[start : start + batch_size] for k, v in tensors.items()}
-        loss = float(step(b, tf.constant(i)))
-        (first if i < 20 else last).append(loss)
+    losses = train_tiny(model, cycle_batches(tensors), steps=400, loss_key="mask_loss")
+    first, last = losses[:20], losses[20:]
     print(f"\nmask loss: first 20 steps {np.mean(first):.3f}, last 20 {np.mean(last[-20:]):.3f}")
     assert np.mean(last[-20:]) < 0.5 * np.mean(first)
     out = {

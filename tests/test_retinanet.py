@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from test_faster_rcnn import _coco_ap50
-from tiny import draw_shape_images
+from tiny import cycle_batches, draw_shape_images, train_tiny
 from tiny_retinanet import tiny_retinanet_config
 
 import fpn_tf
@@ -211,22 +211,7 @@ def test_overfits_small_shape_dataset_to_high_ap50():
     tensors = {k: tf.constant(v) for k, v in data.items()}
     # 2e-3, then 2e-4 for the last fifth (the 10x drop sharpens boxes and scores).
     schedule = keras.optimizers.schedules.PiecewiseConstantDecay([STEPS * 4 // 5], [2e-3, 2e-4])
-    optimizer = keras.optimizers.Adam(learning_rate=schedule)
-    variables = model.trainable_variables
-
-    @tf.function
-    def step(b, i):
-        with tf.GradientTape() as tape:
-            losses = model.compute_losses(b, training=True, step=i)
-        grads, _ = tf.clip_by_global_norm(tape.gradient(losses["total_loss"], variables), 10.0)
-        optimizer.apply_gradients(zip(grads, variables))
-        return losses["total_loss"]
-
-    batch_size, losses = 4, []
-    for i in range(STEPS):
-        start = (i * batch_size) % 20
-        batch = {k: v[start : start + batch_size] for k, v in tensors.items()}
-        losses.append(float(step(batch, tf.constant(i))))
+    losses = train_tiny(model, cycle_batches(tensors), STEPS, learning_rate=schedule)
     print(f"\nloss {np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f}")
     assert np.mean(losses[-20:]) < 0.3 * np.mean(losses[:20])
     outputs = model({"images": data["images"], "image_info": data["image_info"]})

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from tiny import draw_shape_images, tiny_model_config
+from tiny import draw_shape_images, tiny_model_config, train_tiny
 
 from fpn_tf.config import (
     ConfigError,
@@ -297,18 +297,8 @@ def test_tiny_model_overfits_20_synthetic_images(tmp_path):
     exp = _overfit_config(tmp_path)
     batches = list(build_dataset(exp.data, exp.model.input, "train", 4, training=False)[0])
     model = SegmentProposer(exp.model)
-    optimizer = keras.optimizers.Adam(1e-3)
-
-    @tf.function
-    def step(batch, i):
-        with tf.GradientTape() as tape:
-            losses = model.compute_losses(batch, step=i)
-        grads = tape.gradient(losses["total_loss"], model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return losses["total_loss"]
-
-    first = [float(step(batches[i % 5], tf.constant(i))) for i in range(5)]
-    last = [float(step(batches[i % 5], tf.constant(i))) for i in range(5, 450)][-5:]
+    losses = train_tiny(model, lambda i: batches[i % 5], 450, learning_rate=1e-3, clip_norm=None)
+    first, last = losses[:5], losses[-5:]
     assert np.mean(last) < 0.1 * np.mean(first)
     metrics = evaluate(exp, model=model)
     assert metrics["AR@100"] >= 0.8, metrics

@@ -81,3 +81,56 @@ def draw_shape_images(num_images: int, size: int = 128, seed: int = 0, max_objec
         "gt_classes": classes,
         "image_id": np.arange(1, num_images + 1, dtype=np.int64),
     }
+
+
+def train_tiny(
+    model, batch_at, steps: int, learning_rate=2e-3, clip_norm: float | None = 10.0, loss_key="total_loss"
+):
+    """The tests' overfit loop: Adam, optional global-norm clipping, one ``tf.function`` step.
+
+    ``batch_at(i)`` gives step i's batch (``cycle_batches`` cycles a fixed set);
+    ``learning_rate`` is a float or a Keras schedule. Returns ``losses[loss_key]``
+    of every step as floats (the model's ``compute_losses(batch, training=True, step=i)``).
+    """
+    import keras
+    import tensorflow as tf
+
+    optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+    variables = model.trainable_variables
+
+    @tf.function
+    def step(batch, i):
+        with tf.GradientTape() as tape:
+            losses = model.compute_losses(batch, training=True, step=i)
+        grads = tape.gradient(losses["total_loss"], variables)
+        if clip_norm:
+            grads, _ = tf.clip_by_global_norm(grads, clip_norm)
+        optimizer.apply_gradients(zip(grads, variables))
+        return losses[loss_key]
+
+    return [float(step(batch_at(i), tf.constant(i))) for i in range(steps)]
+
+
+def cycle_batches(tensors: dict, batch_size: int = 4):
+    """``batch_at(i)``: consecutive slices of ``batch_size`` rows of every tensor, cycling."""
+    count = len(next(iter(tensors.values())))
+
+    def batch_at(i):
+        start = (i * batch_size) % count
+        return {k: v[start : start + batch_size] for k, v in tensors.items()}
+
+    return batch_at
+
+
+def tree_hashes(folder) -> dict[str, str]:
+    """{relative path: sha256} of every file under ``folder`` (to show a failure changed nothing)."""
+    import hashlib
+    import os
+
+    out = {}
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
