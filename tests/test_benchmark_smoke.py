@@ -138,3 +138,19 @@ def test_model_flag_must_match_the_config_type(tmp_path):
     )
     assert proc.returncode != 0
     assert "--model=retinanet" in proc.stderr and "'faster_rcnn'" in proc.stderr
+
+
+def test_segment_proposals_speed_times_every_table_row(tmp_path):
+    """bench/segment_proposals_speed.py at a small size: one time per Table 6 row, pyramid included."""
+    out = tmp_path / "speed.json"
+    script = os.path.join(ROOT, "bench", "segment_proposals_speed.py")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run(
+        [sys.executable, script, "--size=96", "--repeats=1", f"--output={out}"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["seconds_per_image"]) == {"pyramid", "mlp5", "mlp7", "dual", "dual28"}
+    assert all(t > 0 for t in report["seconds_per_image"].values())
+    assert report["size"] == 96

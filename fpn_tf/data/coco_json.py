@@ -135,6 +135,20 @@ def _xywh_to_yxyx(bbox, where: str) -> np.ndarray:
     return np.asarray([y, x, y + h, x + w], np.float64)
 
 
+def _checked_image(info: dict, image_id, image_dir: str, check_files: bool) -> tuple[str, int, int]:
+    """``(path, height, width)`` of one ``images`` entry, checked (errors name the image)."""
+    for key in ("file_name", "height", "width"):
+        if key not in info:
+            raise ValueError(f"image {image_id} in the COCO JSON has no {key!r}")
+    height, width = int(info["height"]), int(info["width"])
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image {image_id} ({info['file_name']}) has size {height}x{width}")
+    path = resolve_image_path(image_dir, info["file_name"])
+    if check_files and not os.path.isfile(path):
+        raise FileNotFoundError(f"image file {info['file_name']!r} (image {image_id}) not found: {path}")
+    return path, height, width
+
+
 def records_from_coco(
     coco: COCO, image_dir: str, check_files: bool = True, with_masks: bool = False
 ) -> tuple[list[ImageRecord], LabelMap, CocoJsonStats]:
@@ -156,16 +170,7 @@ def records_from_coco(
     records = []
     zero_area_ids = []
     for image_id in sorted(coco.getImgIds()):
-        info = coco.imgs[image_id]
-        for key in ("file_name", "height", "width"):
-            if key not in info:
-                raise ValueError(f"image {image_id} in the COCO JSON has no {key!r}")
-        height, width = int(info["height"]), int(info["width"])
-        if height <= 0 or width <= 0:
-            raise ValueError(f"image {image_id} ({info['file_name']}) has size {height}x{width}")
-        path = resolve_image_path(image_dir, info["file_name"])
-        if check_files and not os.path.isfile(path):
-            raise FileNotFoundError(f"image file {info['file_name']!r} (image {image_id}) not found: {path}")
+        path, height, width = _checked_image(coco.imgs[image_id], image_id, image_dir, check_files)
         boxes, labels, crowd, segmentations = [], [], [], []
         limit = np.asarray([height, width, height, width], np.float64)
         for ann in coco.imgToAnns.get(image_id, []):
@@ -177,17 +182,15 @@ def records_from_coco(
             if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
                 stats.num_zero_area_dropped += 1
                 zero_area_ids.append(ann.get("id"))
-                continue
-            if ann.get("iscrowd", 0):
+            elif ann.get("iscrowd", 0):
                 stats.num_crowd += 1
                 crowd.append(clipped)
-                continue
-            if not np.array_equal(clipped, box):
-                stats.num_clipped += 1
-            if with_masks:
-                segmentations.append(check_segmentation(ann.get("segmentation"), height, width, where))
-            boxes.append(clipped)
-            labels.append(label_map.label_of(ann["category_id"]))
+            else:
+                stats.num_clipped += not np.array_equal(clipped, box)
+                if with_masks:
+                    segmentations.append(check_segmentation(ann.get("segmentation"), height, width, where))
+                boxes.append(clipped)
+                labels.append(label_map.label_of(ann["category_id"]))
         stats.num_images += 1
         stats.num_boxes += len(boxes)
         stats.num_images_without_boxes += not boxes

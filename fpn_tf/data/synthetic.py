@@ -211,6 +211,19 @@ def write_synthetic_coco(
     if os.path.isfile(meta_path):
         os.remove(meta_path)  # the folder is being rewritten: never leave a stale meta behind
     os.makedirs(image_dir, exist_ok=True)
+    coco = _render_dataset(image_dir, num_images, image_size, num_classes, seed, split)
+    for path, data in ((ann_path, coco), (meta_path, meta)):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, sort_keys=True)
+        os.replace(tmp, path)
+    return image_dir, ann_path
+
+
+def _render_dataset(
+    image_dir: str, num_images: int, image_size: int, num_classes: int, seed: int, split: str
+) -> dict:
+    """Renders the images into ``image_dir`` (each written atomically); returns the COCO dict."""
     images, annotations = [], []
     for i in range(num_images):
         rng = np.random.default_rng([seed, _split_code(split), i])
@@ -232,7 +245,7 @@ def write_synthetic_coco(
                     "segmentation": o["segmentation"],
                 }
             )
-    coco = {
+    return {
         "info": {"description": f"fpn_tf synthetic shapes, split {split}", "version": str(_VERSION)},
         "images": images,
         "annotations": annotations,
@@ -240,9 +253,3 @@ def write_synthetic_coco(
             {"id": k + 1, "name": SHAPES[k], "supercategory": "shape"} for k in range(num_classes)
         ],
     }
-    for path, data in ((ann_path, coco), (meta_path, meta)):
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, sort_keys=True)
-        os.replace(tmp, path)
-    return image_dir, ann_path

@@ -92,6 +92,43 @@ def served_model_config(model) -> ModelConfig:
     return dataclasses.replace(cfg, roi_head=roi_head)
 
 
+def _new_version_path(export_dir_base: str, name: str, version: int | None) -> str:
+    """``<base>/<name>/<version>`` checked not to exist (None: one past the highest version)."""
+    if not name or name in (".", "..") or os.sep in name or "/" in name or name.startswith("."):
+        raise ValueError(f"export name {name!r} must be one non-hidden path component")
+    model_dir = os.path.join(export_dir_base, name)
+    os.makedirs(model_dir, exist_ok=True)
+    if version is None:
+        version = max(existing_versions(model_dir), default=0) + 1
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError(f"version must be a non-negative integer (TF Serving's layout), got {version!r}")
+    path = os.path.join(model_dir, str(version))
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} already exists; choose another --version or remove it")
+    return path
+
+
+def _attach_assets(module, model, folder: str, precision_reason: str | None) -> None:
+    """Writes the label map, model config and serving precision into ``folder`` as the module's assets."""
+    label_path = os.path.join(folder, LABEL_MAP_ASSET)
+    with open(label_path, "w", encoding="utf-8") as f:
+        f.write(module.label_map.to_json())
+    config_path = os.path.join(folder, MODEL_CONFIG_ASSET)
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(to_dict(served_model_config(model)), f, indent=1)
+    precision_path = os.path.join(folder, PRECISION_ASSET)
+    with open(precision_path, "w", encoding="utf-8") as f:
+        precision = {
+            "compute_dtype": model.config.compute_dtype,
+            "reason": precision_reason or "the model's config",
+            "export_cpu": cpu_info(),
+        }
+        json.dump(precision, f, indent=1)
+    module.label_map_file = tf.saved_model.Asset(label_path)
+    module.model_config_file = tf.saved_model.Asset(config_path)
+    module.serving_precision_file = tf.saved_model.Asset(precision_path)
+
+
 def export_saved_model(
     model,
     export_dir_base: str,
@@ -130,18 +167,7 @@ def export_saved_model(
       FileExistsError: the version already exists (exports never overwrite).
       ValueError: a bad name or version, or a label map that does not fit the model.
     """
-    if not name or name in (".", "..") or os.sep in name or "/" in name or name.startswith("."):
-        raise ValueError(f"export name {name!r} must be one non-hidden path component")
-    model_dir = os.path.join(export_dir_base, name)
-    os.makedirs(model_dir, exist_ok=True)
-    if version is None:
-        version = max(existing_versions(model_dir), default=0) + 1
-    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-        raise ValueError(f"version must be a non-negative integer (TF Serving's layout), got {version!r}")
-    path = os.path.join(model_dir, str(version))
-    if os.path.exists(path):
-        raise FileExistsError(f"{path} already exists; choose another --version or remove it")
-
+    path = _new_version_path(export_dir_base, name, version)
     module = DetectionModule(
         model,
         label_map,
@@ -149,27 +175,10 @@ def export_saved_model(
         full_image_masks=full_image_masks,
         full_image_max_pixels=full_image_max_pixels,
     )
-    label_map = module.label_map
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(path)}-", dir=os.path.dirname(path))
     try:
         with tempfile.TemporaryDirectory() as assets_src:
-            label_path = os.path.join(assets_src, LABEL_MAP_ASSET)
-            with open(label_path, "w", encoding="utf-8") as f:
-                f.write(label_map.to_json())
-            config_path = os.path.join(assets_src, MODEL_CONFIG_ASSET)
-            with open(config_path, "w", encoding="utf-8") as f:
-                json.dump(to_dict(served_model_config(model)), f, indent=1)
-            precision_path = os.path.join(assets_src, PRECISION_ASSET)
-            with open(precision_path, "w", encoding="utf-8") as f:
-                precision = {
-                    "compute_dtype": model.config.compute_dtype,
-                    "reason": precision_reason or "the model's config",
-                    "export_cpu": cpu_info(),
-                }
-                json.dump(precision, f, indent=1)
-            module.label_map_file = tf.saved_model.Asset(label_path)
-            module.model_config_file = tf.saved_model.Asset(config_path)
-            module.serving_precision_file = tf.saved_model.Asset(precision_path)
+            _attach_assets(module, model, assets_src, precision_reason)
             tf.saved_model.save(module, tmp, signatures=module.signatures())
         _usual_permissions(tmp)
         os.rename(tmp, path)
