@@ -20,6 +20,7 @@ from tiny_retinanet import tiny_retinanet_config
 
 import fpn_tf
 from fpn_tf.config import AnchorConfig, BackboneConfig, RetinaNetConfig, RPNConfig, to_dict
+from fpn_tf.layers.folded_conv import FoldableConv2D
 from fpn_tf.layers.fpn import (
     ConvExtraLevels,
     FeaturePyramid,
@@ -124,6 +125,11 @@ def _segment_model_case():
 CASES = {
     "PixelNormalization": lambda: (PixelNormalization(), (_rand(1, 64, 64, 3, high=255.0), INFO), {}),
     "FrozenBatchNorm": lambda: (FrozenBatchNorm(epsilon=1e-3), (_rand(1, 4, 4, 8),), {}),
+    "FoldableConv2D": lambda: (
+        FoldableConv2D(8, 3, padding="same", use_bias=False),
+        (_rand(1, 4, 4, 8),),
+        {},
+    ),  # noqa: E501
     "LateralConnection": lambda: (LateralConnection(8), (_rand(1, 8, 8, 16),), {}),
     "Smoothing": lambda: (Smoothing(8), (_rand(1, 8, 8, 8),), {}),
     "TopDownMerge": lambda: (TopDownMerge(), ([_rand(1, 4, 4, 8), _rand(1, 7, 8, 8)],), {}),

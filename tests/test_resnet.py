@@ -339,3 +339,62 @@ def test_forward_matches_torchvision_layout_reference(name):
         assert got[key].shape == expected[key].shape
         scale = np.abs(expected[key]).max()
         np.testing.assert_allclose(got[key].numpy() / scale, expected[key] / scale, atol=1e-4, err_msg=key)
+
+
+# ------------------------------------------------------------------ frozen BN folded into bfloat16 convs
+def _resnet_with_statistics(policy: str, freeze_at: int = 2):
+    """resnet18 × 0.25 under ``policy`` with the same non-trivial frozen statistics."""
+    keras.config.set_dtype_policy(policy)
+    try:
+        keras.utils.set_random_seed(0)
+        model = build_resnet(BackboneConfig(name="resnet18", width_multiplier=0.25, freeze_at=freeze_at))
+    finally:
+        keras.config.set_dtype_policy("float32")
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, FrozenBatchNorm):
+            c = layer.gamma.shape[0]
+            layer.set_weights(
+                [rng.uniform(0.5, 2, c), rng.normal(0, 1, c), rng.normal(0, 1, c), rng.uniform(0.5, 2, c)]
+            )
+    return model
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_bfloat16_convs_apply_their_frozen_norm_once(training):
+    """bfloat16 (norms folded into the convs) matches float32 (norms fused by grappler) to bf16 rounding."""
+    f32 = _resnet_with_statistics("float32")
+    bf16 = _resnet_with_statistics("mixed_bfloat16")
+    x = np.random.default_rng(1).normal(0, 1, (1, 64, 64, 3)).astype(np.float32)
+    for key in ("C2", "C5"):
+        a = f32(x, training=training)[key].numpy()
+        b = tf.cast(bf16(x, training=training)[key], tf.float32).numpy()
+        # a norm applied twice or not at all is off by ~100 % and more (these statistics are far from 1/0)
+        assert np.abs(a - b).max() / np.abs(a).max() < 0.05, key
+    # who folds: bfloat16 convs of frozen stages always, trainable ones only outside training; never float32
+    assert bf16.get_layer("conv1").folds(training) and bf16.get_layer("layer1_0_conv1").folds(training)
+    assert bf16.get_layer("layer4_0_conv1").folds(training) is (not training)
+    assert not f32.get_layer("conv1").folds(training)
+
+
+def test_bfloat16_inference_graph_has_no_separate_batch_norm():
+    """Grappler fuses every bfloat16 conv with its (folded) norm's bias and ReLU: no FusedBatchNorm left."""
+    from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
+    from tensorflow.python.grappler import tf_optimizer
+
+    model = _resnet_with_statistics("mixed_bfloat16")
+    function = tf.function(lambda x: model(x, training=False))
+    concrete = function.get_concrete_function(tf.TensorSpec([1, 64, 64, 3], tf.float32))
+    graph_def = concrete.graph.as_graph_def()
+    for node in graph_def.node:  # the remapper fuses only nodes placed on a CPU
+        node.device = "/job:localhost/replica:0/task:0/device:CPU:0"
+    meta = tf.compat.v1.train.export_meta_graph(graph_def=graph_def, graph=concrete.graph)
+    for output in concrete.outputs:
+        meta.collection_def["train_op"].node_list.value.append(output.name)
+    config = config_pb2.ConfigProto()
+    config.graph_options.rewrite_options.CopyFrom(rewriter_config_pb2.RewriterConfig())
+    ops = [node.op for node in tf_optimizer.OptimizeGraph(config, meta).node]
+    assert not [op for op in ops if "BatchNorm" in op]
+    assert (
+        ops.count("_FusedConv2D") == 20
+    )  # every conv of resnet18 (with its BiasAdd, and ReLU where one follows)

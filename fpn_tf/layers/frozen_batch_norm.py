@@ -19,6 +19,10 @@ to float rounding):
 - ``x * scale + shift`` elsewhere (trainable stages in training): its gradient
   needs no saved activation, where ``FusedBatchNormGradV3`` would keep each
   convolution's output alive for the backward pass.
+
+The remapper does not fuse the first form into bfloat16 convolutions; there the
+ResNet's convolutions apply the norm themselves (``fpn_tf.layers.folded_conv``)
+and this layer passes its input through.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ class FrozenBatchNorm(keras.layers.Layer):
         if epsilon < 0:
             raise ValueError(f"FrozenBatchNorm epsilon must be >= 0, got {epsilon}")
         self.epsilon = float(epsilon)
+        # weakref to a FoldableConv2D that applies this norm in its own call
+        # (fpn_tf/layers/folded_conv.py); not serialised. None: the norm runs itself.
+        self.folded_into = None
 
     def build(self, input_shape):
         channels = input_shape[-1]
@@ -72,6 +79,9 @@ class FrozenBatchNorm(keras.layers.Layer):
             )
 
     def call(self, inputs, training=None):
+        conv = self.folded_into() if self.folded_into is not None else None
+        if conv is not None and conv.folds(training):
+            return inputs  # the conv before this layer applied it (bfloat16 inference)
         if len(inputs.shape) == 4 and (not training or not self.trainable):
             return self._fused(inputs)
         scale = self.gamma * ops.rsqrt(self.moving_variance + self.epsilon)

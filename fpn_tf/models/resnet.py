@@ -36,6 +36,7 @@ import keras
 from keras import layers
 
 from fpn_tf.config import BackboneConfig
+from fpn_tf.layers.folded_conv import FoldableConv2D
 from fpn_tf.layers.frozen_batch_norm import FrozenBatchNorm
 
 # name -> (block type, blocks per stage layer1..layer4)
@@ -91,11 +92,12 @@ class _Builder:
         self.config = config
         self.trainable = True
 
-    def conv(self, x, filters: int, kernel: int, stride: int, name: str):
+    def conv_norm(self, x, filters: int, kernel: int, stride: int, name: str, norm_name: str):
+        """conv (torchvision's symmetric padding) + its norm; a frozen norm is folded where it pays."""
         pad = (kernel - 1) // 2
         if pad:
             x = layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
-        return layers.Conv2D(
+        conv = FoldableConv2D(
             filters,
             kernel,
             strides=stride,
@@ -105,31 +107,34 @@ class _Builder:
             kernel_initializer=keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal"),
             trainable=self.trainable,
             name=name,
-        )(x)
-
-    def norm(self, x, name: str):
+        )
+        y = conv(x)
         if self.config.norm == "frozen_bn":
-            return FrozenBatchNorm(epsilon=self.config.bn_epsilon, trainable=self.trainable, name=name)(x)
-        return layers.BatchNormalization(
-            epsilon=self.config.bn_epsilon, momentum=0.9, trainable=self.trainable, name=name
-        )(x)
+            norm = FrozenBatchNorm(epsilon=self.config.bn_epsilon, trainable=self.trainable, name=norm_name)
+            conv.fold(norm)
+        else:
+            norm = layers.BatchNormalization(
+                epsilon=self.config.bn_epsilon, momentum=0.9, trainable=self.trainable, name=norm_name
+            )
+        return norm(y)
 
     def block(self, x, kind: str, planes: int, stride: int, name: str):
         out_channels = planes * _EXPANSION[kind]
         shortcut = x
         if stride != 1 or x.shape[-1] != out_channels:
-            shortcut = self.conv(x, out_channels, 1, stride, f"{name}_downsample_0")
-            shortcut = self.norm(shortcut, f"{name}_downsample_1")
+            shortcut = self.conv_norm(
+                x, out_channels, 1, stride, f"{name}_downsample_0", f"{name}_downsample_1"
+            )
         if kind == "basic":
-            y = self.conv(x, planes, 3, stride, f"{name}_conv1")
-            y = layers.ReLU(name=f"{name}_relu1")(self.norm(y, f"{name}_bn1"))
-            y = self.norm(self.conv(y, planes, 3, 1, f"{name}_conv2"), f"{name}_bn2")
+            y = self.conv_norm(x, planes, 3, stride, f"{name}_conv1", f"{name}_bn1")
+            y = layers.ReLU(name=f"{name}_relu1")(y)
+            y = self.conv_norm(y, planes, 3, 1, f"{name}_conv2", f"{name}_bn2")
         else:
-            y = self.conv(x, planes, 1, 1, f"{name}_conv1")
-            y = layers.ReLU(name=f"{name}_relu1")(self.norm(y, f"{name}_bn1"))
-            y = self.conv(y, planes, 3, stride, f"{name}_conv2")
-            y = layers.ReLU(name=f"{name}_relu2")(self.norm(y, f"{name}_bn2"))
-            y = self.norm(self.conv(y, out_channels, 1, 1, f"{name}_conv3"), f"{name}_bn3")
+            y = self.conv_norm(x, planes, 1, 1, f"{name}_conv1", f"{name}_bn1")
+            y = layers.ReLU(name=f"{name}_relu1")(y)
+            y = self.conv_norm(y, planes, 3, stride, f"{name}_conv2", f"{name}_bn2")
+            y = layers.ReLU(name=f"{name}_relu2")(y)
+            y = self.conv_norm(y, out_channels, 1, 1, f"{name}_conv3", f"{name}_bn3")
         y = layers.Add(name=f"{name}_add")([y, shortcut])
         return layers.ReLU(name=f"{name}_out")(y)
 
@@ -164,8 +169,8 @@ def build_resnet(
 
     images = keras.Input(shape=input_shape, name="images")
     builder.trainable = config.freeze_at < 1
-    x = builder.conv(images, _width(64, config.width_multiplier), 7, 2, "conv1")
-    x = layers.ReLU(name="relu")(builder.norm(x, "bn1"))
+    x = builder.conv_norm(images, _width(64, config.width_multiplier), 7, 2, "conv1", "bn1")
+    x = layers.ReLU(name="relu")(x)
     # Zero padding equals PyTorch's -inf padding here: the input is post-ReLU.
     x = layers.ZeroPadding2D(1, name="maxpool_pad")(x)
     x = layers.MaxPooling2D(3, strides=2, padding="valid", name="maxpool")(x)
