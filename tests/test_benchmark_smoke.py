@@ -68,9 +68,11 @@ def test_tiny_benchmark_in_one_process_covers_every_variant(tmp_path):
         assert 0 < row["of_f32_conv_peak"] and row["group_peak_gflops"]["float32_conv"] > 0
     assert rows[("inference", "keras_bf16")]["compute_dtype"] == "mixed_bfloat16"
     assert rows[("inference", "keras")]["network_input"] == [128, 128]
-    # bfloat16 and the SavedModel run the same graph as the Keras model: same FLOPs.
-    assert rows[("inference", "keras_bf16")]["flops"] == rows[("inference", "keras")]["flops"]
-    assert rows[("inference", "saved_model")]["flops"] == rows[("inference", "keras")]["flops"]
+    # The SavedModel runs the same graph as the Keras model: same FLOPs. bfloat16 adds only the
+    # folding of the frozen norms into the conv kernels (one multiply per weight, a bias per output).
+    f32_flops = rows[("inference", "keras")]["flops"]
+    assert rows[("inference", "saved_model")]["flops"] == f32_flops
+    assert f32_flops <= rows[("inference", "keras_bf16")]["flops"] <= 1.02 * f32_flops
     # A training step costs more than a forward pass.
     assert rows[("train", "keras")]["flops"] > 2 * rows[("inference", "keras")]["flops"]
     if HAS_TORCHVISION:
@@ -116,7 +118,8 @@ def test_tiny_retinanet_benchmark_has_rows_beside_torchvision_retinanet(tmp_path
     assert set(rows) == {"keras", "keras_bf16"} | ({"torchvision"} if HAS_TORCHVISION else set())
     for row in rows.values():
         assert row["model"] == "retinanet" and row["median_s"] > 0 and row["flops"] > 0
-    assert rows["keras_bf16"]["flops"] == rows["keras"]["flops"]
+    # bfloat16 folds the frozen norms into the conv kernels: a few more FLOPs
+    assert rows["keras"]["flops"] <= rows["keras_bf16"]["flops"] <= 1.02 * rows["keras"]["flops"]
     if HAS_TORCHVISION:
         assert rows["keras"]["vs_torchvision"] > 0
         assert rows["torchvision"]["torchvision_model"] == "retinanet_resnet50_fpn"
