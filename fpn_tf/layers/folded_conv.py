@@ -42,8 +42,6 @@ class FoldableConv2D(keras.layers.Conv2D):
 
     def fold(self, norm) -> None:
         """Makes this conv apply ``norm`` (a ``FrozenBatchNorm`` called on its output) when it can."""
-        if norm.epsilon < 0:
-            raise ValueError("FrozenBatchNorm epsilon must be >= 0")
         self._norm_ref = weakref.ref(norm)
         norm.folded_into = weakref.ref(self)
 
