@@ -47,8 +47,7 @@ def build_body(variant: str):
         keras.config.set_dtype_policy("float32")
     for layer in body.layers:
         if variant != "folded" and isinstance(layer, FrozenBatchNorm):
-            layer.folded_into()._norm_ref = None  # cut the link: the norm runs itself
-            layer.folded_into = None
+            layer.folded_into().unfold()  # the norm runs itself
             if variant == "identity norms":
                 layer.call = lambda inputs, training=None: inputs
     return body

@@ -181,17 +181,23 @@ def _serve_in_fresh_process(path: str, image: np.ndarray, folder) -> dict:
     return dict(np.load(folder / "served.npz"))
 
 
-@pytest.mark.slow
-def test_masks_survive_saved_model_in_a_fresh_process(tmp_path):
-    from fpn_tf.data.preprocess import preprocess_for_inference
+def _exported_random_mask_model(tmp_path, weight_seed: int, **export_kwargs):
+    """A tiny Mask R-CNN with random weights and no score threshold, exported: ``(model, version path)``."""
     from fpn_tf.export.saved_model import export_saved_model
 
     keras.utils.set_random_seed(0)
     cfg = tiny_mask_config()
     cfg = dataclasses.replace(cfg, roi_head=dataclasses.replace(cfg.roi_head, score_threshold=0.0))
     model = build_mask_rcnn(config=cfg)
-    _random_weights(model, 3)
-    path = export_saved_model(model, str(tmp_path), "tiny_mask", full_image_masks=True)
+    _random_weights(model, weight_seed)
+    return model, export_saved_model(model, str(tmp_path), "tiny_mask", **export_kwargs)
+
+
+@pytest.mark.slow
+def test_masks_survive_saved_model_in_a_fresh_process(tmp_path):
+    from fpn_tf.data.preprocess import preprocess_for_inference
+
+    model, path = _exported_random_mask_model(tmp_path, 3, full_image_masks=True)
     image = draw_shape_images(1, size=128)["images"][0][:100, :120].round()  # a non-square original
     served = _serve_in_fresh_process(path, image[None], tmp_path)
     padded, info = preprocess_for_inference(tf.constant(image), model.config.input)
@@ -406,14 +412,7 @@ def test_predict_script_writes_rle_masks_and_overlays(tmp_path):
     from PIL import Image
     from pycocotools import mask as mask_utils
 
-    from fpn_tf.export.saved_model import export_saved_model
-
-    keras.utils.set_random_seed(0)
-    cfg = tiny_mask_config()
-    cfg = dataclasses.replace(cfg, roi_head=dataclasses.replace(cfg.roi_head, score_threshold=0.0))
-    model = build_mask_rcnn(config=cfg)
-    _random_weights(model, 4)
-    path = export_saved_model(model, str(tmp_path), "tiny_mask")
+    model, path = _exported_random_mask_model(tmp_path, 4)
     image = draw_shape_images(1, size=128)["images"][0][:100, :120].round().astype(np.uint8)
     Image.fromarray(image).save(tmp_path / "shapes.png")
     done = subprocess.run(

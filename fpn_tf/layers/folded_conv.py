@@ -45,6 +45,13 @@ class FoldableConv2D(keras.layers.Conv2D):
         self._norm_ref = weakref.ref(norm)
         norm.folded_into = weakref.ref(self)
 
+    def unfold(self) -> None:
+        """Cuts the link: the norm runs itself again (``bench/norm_fold.py`` times both)."""
+        norm = self._norm_ref() if self._norm_ref is not None else None
+        if norm is not None:
+            norm.folded_into = None
+        self._norm_ref = None
+
     def folds(self, training=None) -> bool:
         """Whether this call applies the linked norm (the norm then passes its input through)."""
         norm = self._norm_ref() if self._norm_ref is not None else None
