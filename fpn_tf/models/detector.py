@@ -6,7 +6,7 @@ three methods that a subclass writes once:
     forward(images, image_info, training, targets, step) -> raw outputs
         normalise -> ResNet + FPN -> heads; with ``targets`` (training) it also
         does what needs the ground truth before the heads (e.g. RoI sampling).
-    losses(raw, targets, step) -> {loss name: scalar}, including "total_loss"
+    loss_terms(raw, targets, step) -> {loss name: scalar}, including "total_loss"
     postprocess(raw, image_info) -> outputs (boxes in ORIGINAL-image pixels)
 
 ``Detector.__init__`` builds the functional graph as ``postprocess(forward(...))``
@@ -90,7 +90,7 @@ class Detector(keras.Model):
     """Base class of the detectors: a functional model built from forward + postprocess.
 
     Subclasses set ``loss_keys`` and implement ``build_layers``, ``forward``,
-    ``losses`` and ``postprocess`` (module docstring). ``build_layers`` assigns each
+    ``loss_terms`` and ``postprocess`` (module docstring). ``build_layers`` assigns each
     layer to its own attribute (TF checkpoints do not see layers in lists or dicts).
     """
 
@@ -117,7 +117,7 @@ class Detector(keras.Model):
     ) -> dict:
         raise NotImplementedError
 
-    def losses(self, raw: dict, targets: dict, step=None) -> dict[str, tf.Tensor]:
+    def loss_terms(self, raw: dict, targets: dict, step=None) -> dict[str, tf.Tensor]:
         raise NotImplementedError
 
     def postprocess(self, raw: dict, image_info) -> dict:
@@ -132,7 +132,7 @@ class Detector(keras.Model):
         """
         image_info = tf.cast(batch["image_info"], tf.float32)
         raw = self.forward(batch["images"], image_info, training=training, targets=batch, step=step)
-        result = {k: tf.cast(v, tf.float32) for k, v in self.losses(raw, batch, step).items()}
+        result = {k: tf.cast(v, tf.float32) for k, v in self.loss_terms(raw, batch, step).items()}
         result["total_loss"] = tf.add_n([result[k] for k in self.loss_keys if k != "total_loss"])
         return result
 

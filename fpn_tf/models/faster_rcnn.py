@@ -149,7 +149,7 @@ class FasterRCNN(Detector):
         raw["class_logits"], raw["box_deltas"] = self.box_head(pooled, training=training)
         return raw
 
-    def losses(self, raw, targets, step=None) -> dict[str, tf.Tensor]:
+    def loss_terms(self, raw, targets, step=None) -> dict[str, tf.Tensor]:
         """RPN objectness + box losses (§4.1) and Fast R-CNN class + box losses (§4.2)."""
         result = rpn_lib.rpn_losses(
             raw["rpn_outputs"],

@@ -85,14 +85,14 @@ class MaskRCNN(FasterRCNN):
             raw["mask_logits"] = self.mask_head(pooled, training=training)
         return raw
 
-    def losses(self, raw, targets, step=None) -> dict[str, tf.Tensor]:
+    def loss_terms(self, raw, targets, step=None) -> dict[str, tf.Tensor]:
         """Faster R-CNN's losses plus the mask loss on the positive RoIs."""
         if "gt_masks" not in targets:
             raise ValueError(
                 "model.type mask_rcnn trains on instance masks but the batch has no 'gt_masks': "
                 "set model.input.mask_size (e.g. 56) so the input pipeline provides them"
             )
-        result = super().losses(raw, targets, step)
+        result = super().loss_terms(raw, targets, step)
         logits = raw["mask_logits"]
         count = logits.shape[1]
         samples = raw["samples"]

@@ -195,7 +195,7 @@ class RetinaNet(Detector):
         head_outputs = self.head(features, training=training)
         return {"features": features, "head_outputs": head_outputs}
 
-    def losses(self, raw, targets, step=None) -> dict[str, tf.Tensor]:
+    def loss_terms(self, raw, targets, step=None) -> dict[str, tf.Tensor]:
         head_outputs = raw["head_outputs"]
         anchors = self.detection_generator.anchors(head_outputs["class_logits"])
         logits, deltas = flatten_levels(head_outputs, self.levels, self.num_class_channels)

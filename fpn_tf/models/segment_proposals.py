@@ -140,7 +140,7 @@ class SegmentProposer(Detector):
             "gt_boxes": gt_boxes,
         }
 
-    def losses(self, raw, targets, step=None) -> dict[str, tf.Tensor]:
+    def loss_terms(self, raw, targets, step=None) -> dict[str, tf.Tensor]:
         """Score loss over the sampled locations + 10 × mask loss over the sampled positives."""
         head, sampled = raw["head"], raw["sampled_labels"]
         logits = tf.gather(head["score_logits"], head["indices"], batch_dims=1)
