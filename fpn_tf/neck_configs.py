@@ -1,0 +1,16 @@
+"""The neck's config section (``model.neck``): which pyramid the detector's heads read.
+
+``type`` picks the neck (the list is ``fpn_tf.detector_types.NECK_TYPES``); the levels
+and the channel count are ``model.fpn``'s (``min_level``, ``max_level``, ``num_channels``,
+``extra_block``, ``num_extra_levels``) whatever the neck, so a YAML that swaps the neck
+keeps its anchors and heads. Options that only one neck has are fields below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class NeckConfig:
+    type: str = "fpn"  # fpn (Lin et al. 2017, default) | pafpn | bifpn | nasfpn
