@@ -1,31 +1,32 @@
 """fpn_tf: Feature Pyramid Networks (Lin et al., CVPR 2017) with Faster R-CNN for TensorFlow / Keras 3.
 
-Entry points:
+Entry points (every detector type of ``fpn_tf.detector_types`` has its class and builder here):
   fpn_tf.build_faster_rcnn(num_classes=91, backbone="resnet50", ...)  # detector
+  fpn_tf.build_proposal_network(...)                                 # the RPN alone (Table 1)
   fpn_tf.build_mask_rcnn(num_classes=91, ...)                        # + instance masks
   fpn_tf.build_retinanet(num_classes=91, backbone="resnet50", ...)    # one-stage detector on P3..P7
-  fpn_tf.build_fpn_backbone(backbone_config, fpn_config)             # image -> {"P2".."P6"}
   fpn_tf.build_segment_proposer(backbone="resnet50", ...)            # segment proposals (§6)
+  fpn_tf.build_fpn_backbone(backbone_config, fpn_config)             # image -> {"P2".."P6"}
 
 Attributes resolve lazily so that ``import fpn_tf.config`` does not load TensorFlow.
 """
 
 import importlib
 
+from fpn_tf.detector_types import DETECTOR_TYPES
+
 _EXPORTS = {
     "ExperimentConfig": "fpn_tf.config",
     "ModelConfig": "fpn_tf.config",
     "load_config": "fpn_tf.config",
-    "FasterRCNN": "fpn_tf.models.faster_rcnn",
-    "build_faster_rcnn": "fpn_tf.models.faster_rcnn",
-    "MaskRCNN": "fpn_tf.models.mask_rcnn",
-    "build_mask_rcnn": "fpn_tf.models.mask_rcnn",
     "build_fpn_backbone": "fpn_tf.models.fpn_backbone",
-    "RetinaNet": "fpn_tf.models.retinanet",
-    "build_retinanet": "fpn_tf.models.retinanet",
-    "SegmentProposer": "fpn_tf.models.segment_proposals",
-    "build_segment_proposer": "fpn_tf.models.segment_proposals",
+    "build_model": "fpn_tf.models.build",
 }
+for _entry in DETECTOR_TYPES.values():
+    _module, _class = _entry.detector.split(":")
+    _EXPORTS[_class] = _module
+    _EXPORTS[_entry.builder] = _module
+del _entry, _module, _class
 
 __all__ = sorted(_EXPORTS)
 

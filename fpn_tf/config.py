@@ -23,9 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from absl import logging
 
+from fpn_tf import detector_types
+from fpn_tf.config_checks import ConfigError, check_config
 from fpn_tf.config_files import resolve_config_path
 from fpn_tf.head_configs import MaskHeadConfig, RetinaNetConfig, SegmentProposalConfig
+from fpn_tf.neck_configs import NeckConfig
 
 
 @dataclass
@@ -146,38 +150,52 @@ class InputConfig:
     mask_size: int = 0
 
 
-# fpn_tf.models.build.MODEL_TYPES maps each to its detector
-MODEL_TYPES = ("faster_rcnn", "mask_rcnn", "retinanet", "segment_proposals")
+# The detector types (fpn_tf.detector_types.DETECTOR_TYPES holds each one's class and defaults)
+MODEL_TYPES = tuple(detector_types.DETECTOR_TYPES)
 
 
 @dataclass
 class ModelConfig:
     """The detector: ``type`` picks it, ``preset`` applies a named delta first.
 
-    A preset (``fpn_tf.models.presets.PRESETS``, e.g. "torchvision_v1") changes the
-    paper's defaults; keys given beside it in the same mapping win over the preset.
-    The dataclass defaults are Faster R-CNN's; another ``type`` may change them in
-    its "" preset (applied by ``from_dict``/``load_config``, so build configs of
-    other types with those, not with ``ModelConfig(type=...)``).
+    A section left out (``None``) is filled from the dataclass defaults with the
+    type's own defaults and then the preset's delta on top
+    (``fpn_tf.detector_types``): ``ModelConfig(type="retinanet")`` is the same config
+    as ``from_dict(ModelConfig, {"type": "retinanet"})``, a YAML ``model: {type:
+    retinanet}`` and ``build_retinanet()``. A section given as a dataclass is taken as
+    it is; given in a mapping (``from_dict``, YAML) its keys win over the preset's.
     """
 
     type: str = "faster_rcnn"  # one of MODEL_TYPES
-    preset: str = ""  # "" = the paper's defaults
+    preset: str = ""  # "" = the type's defaults (the paper's)
     num_classes: int = 91  # includes background (label 0)
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    fpn: FPNConfig = field(default_factory=FPNConfig)
-    anchors: AnchorConfig = field(default_factory=AnchorConfig)
-    rpn: RPNConfig = field(default_factory=RPNConfig)
-    roi_head: RoIHeadConfig = field(default_factory=RoIHeadConfig)
-    retinanet: RetinaNetConfig = field(default_factory=RetinaNetConfig)  # model.type retinanet
-    input: InputConfig = field(default_factory=InputConfig)
-    mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)  # model.type mask_rcnn only
-    segment: SegmentProposalConfig = field(default_factory=SegmentProposalConfig)
-    rpn_only: bool = False  # Table 1 experiments: train and evaluate proposals only
+    backbone: BackboneConfig = None
+    neck: NeckConfig = None  # which pyramid (fpn | ...); its levels and channels are ``fpn``'s
+    fpn: FPNConfig = None
+    anchors: AnchorConfig = None
+    rpn: RPNConfig = None
+    roi_head: RoIHeadConfig = None
+    retinanet: RetinaNetConfig = None  # model.type retinanet
+    input: InputConfig = None
+    mask_head: MaskHeadConfig = None  # model.type mask_rcnn only
+    segment: SegmentProposalConfig = None  # model.type segment_proposals only
     # "mixed_bfloat16": backbone, FPN, RPN and box-head convs / fcs compute in bfloat16
     # (oneDNN AVX512-BF16 / AMX kernels on CPU); weights stay float32, so float32
     # checkpoints load unchanged, and proposal / box / score maths stays float32.
     compute_dtype: str = "float32"  # float32 | mixed_bfloat16
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(ModelConfig)
+        delta = None
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is not None or not dataclasses.is_dataclass(hints[f.name]):
+                continue
+            if delta is None:
+                try:
+                    delta = detector_types.preset_delta(self.type, self.preset)
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
+            setattr(self, f.name, _from_dict(hints[f.name], delta.get(f.name, {}), f.name))
 
 
 @dataclass
@@ -254,10 +272,6 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-class ConfigError(ValueError):
-    """A configuration file or override that does not fit the dataclasses."""
-
-
 # PyYAML follows YAML 1.1, whose floats need a dot: it reads ``1e-5`` as the
 # string "1e-5". Such strings are accepted where a float is expected.
 _FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -299,20 +313,32 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
 
 
 def _apply_preset(values: dict, where: str) -> dict:
-    """A ModelConfig mapping with its ``preset``'s delta underneath the given keys.
-
-    The delta of preset "" is the model type's own defaults over the dataclasses'
-    (e.g. RetinaNet's P3..P7 pyramid); a named preset applies on top of those.
-    """
-    name = values.get("preset") or ""
-    from fpn_tf.models import presets  # imports only this module: no cycle at load time
-
-    model_type = values.get("type", ModelConfig.type)
+    """A ModelConfig mapping with its type's defaults and ``preset``'s delta underneath."""
+    values = _replace_rpn_only(values, where)
     try:
-        delta = presets.preset_delta(str(model_type), str(name))
+        delta = detector_types.preset_delta(
+            str(values.get("type", ModelConfig.type)), str(values.get("preset") or "")
+        )
     except ValueError as e:
-        raise ConfigError(f"{where + '.' if where else ''}preset: {e}") from None
-    return presets.merge_dicts(delta, values)
+        raise ConfigError(f"{where + '.' if where else ''}{e}") from None
+    return detector_types.merge_dicts(delta, values)
+
+
+def _replace_rpn_only(values: dict, where: str) -> dict:
+    """Reads the former ``rpn_only: true`` (Faster R-CNN's RPN alone) as ``type: rpn``, saying so."""
+    if "rpn_only" not in values:
+        return values
+    values = dict(values)
+    rpn_only = values.pop("rpn_only")
+    key = f"{where}.rpn_only" if where else "rpn_only"
+    if rpn_only is True:
+        if values.get("type", "faster_rcnn") != "faster_rcnn":
+            raise ConfigError(f"{key}: only a faster_rcnn could be rpn_only; use model.type: rpn")
+        values["type"] = "rpn"
+        logging.warning("%s: true is read as model.type: rpn (the RPN alone); write that instead", key)
+    elif rpn_only is not False:
+        raise ConfigError(f"{key}: expected true/false, got {rpn_only!r} (write model.type: rpn instead)")
+    return values
 
 
 def _from_dict(cls: type, values: dict, where: str = "") -> Any:
@@ -341,8 +367,6 @@ def from_dict(cls: type, values: dict) -> Any:
       ConfigError: naming the dotted key of an unknown key, a value of the wrong
         type, or a value out of its range (``fpn_tf.config_checks``).
     """
-    from fpn_tf.config_checks import check_config  # imports this module
-
     return check_config(_from_dict(cls, values or {}))
 
 

@@ -7,19 +7,30 @@ key (``model.input.min_size must be >= 1, got 0``), not steps later inside
 the model or as a ZeroDivisionError. Every problem of a config is listed in one
 error.
 
-``RULES`` holds one rule per numeric field of every config dataclass (a test
-keeps it complete: a new numeric field without a rule fails it). Tuple fields
-are checked element by element (``anchors.sizes[2]``).
+``RULES`` holds one rule per numeric field of every config dataclass, keyed by the
+dataclass's name (a test keeps it complete: a new numeric field without a rule fails
+it). Tuple fields are checked element by element (``anchors.sizes[2]``). The choice
+lists come from ``fpn_tf.detector_types``; this module does not import
+``fpn_tf.config`` (which imports it), so there is no import circle.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any
 
-from fpn_tf import config as C
+from fpn_tf import detector_types as T
+from fpn_tf.levels import pyramid_levels
+
+if typing.TYPE_CHECKING:
+    from fpn_tf import config as C
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not fit the dataclasses."""
 
 
 @dataclass(frozen=True)
@@ -74,28 +85,28 @@ NON_NEGATIVE = Range(0)
 UNIT = Range(0, 1)  # probabilities, fractions, IoU thresholds
 LEVEL = Range(2, 7)  # P2 (stride 4) .. P7 (stride 128)
 
-RULES: dict[type, dict[str, Any]] = {
-    C.BackboneConfig: {
-        "name": Choice(("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")),
+RULES: dict[str, dict[str, Any]] = {
+    "BackboneConfig": {
+        "name": Choice(T.RESNETS),
         "width_multiplier": POSITIVE,
         "freeze_at": Range(0, 5),
-        "norm": Choice(("frozen_bn", "bn")),
+        "norm": Choice(T.BACKBONE_NORMS),
         "bn_epsilon": NON_NEGATIVE,
     },
-    C.FPNConfig: {
-        "variant": Choice(("fpn", "bottom_up", "no_lateral", "p2_only", "c4", "c5")),
+    "FPNConfig": {
+        "variant": Choice(T.FPN_VARIANTS),
         "num_channels": AT_LEAST_1,
         "min_level": Range(2, 5),  # built from C2..C5
         "max_level": Range(2, 5),
-        "extra_block": Choice(("maxpool", "conv_p5", "conv_c5", "none")),
+        "extra_block": Choice(T.EXTRA_BLOCKS),
         "num_extra_levels": Range(0, 2),  # P6 or P6, P7
     },
-    C.AnchorConfig: {
+    "AnchorConfig": {
         "sizes": Each(POSITIVE, min_len=1),
         "aspect_ratios": Each(POSITIVE, min_len=1),
         "offset": UNIT,
     },
-    C.RPNConfig: {
+    "RPNConfig": {
         "conv_channels": NON_NEGATIVE,
         "positive_iou": UNIT,
         "negative_iou": UNIT,
@@ -108,11 +119,11 @@ RULES: dict[type, dict[str, Any]] = {
         "post_nms_topk_test": AT_LEAST_1,
         "nms_iou": UNIT,
         "min_box_size": NON_NEGATIVE,
-        "box_loss": Choice(("smooth_l1", "l1")),
+        "box_loss": Choice(T.BOX_LOSSES),
         "smooth_l1_beta": NON_NEGATIVE,
         "loss_weight": NON_NEGATIVE,
     },
-    C.RoIHeadConfig: {
+    "RoIHeadConfig": {
         "batch_size_per_image": AT_LEAST_1,
         "positive_fraction": UNIT,
         "foreground_iou": UNIT,
@@ -124,11 +135,11 @@ RULES: dict[type, dict[str, Any]] = {
         "canonical_level": LEVEL,
         "min_level": LEVEL,
         "max_level": LEVEL,
-        "head": Choice(("2fc", "conv5")),
+        "head": Choice(T.BOX_HEADS),
         "fc_dim": AT_LEAST_1,
         "num_fc": NON_NEGATIVE,
         "box_coder_weights": Each(POSITIVE, 4, 4),
-        "box_loss": Choice(("smooth_l1", "l1")),
+        "box_loss": Choice(T.BOX_LOSSES),
         "smooth_l1_beta": NON_NEGATIVE,
         "loss_weight": NON_NEGATIVE,
         "score_threshold": UNIT,
@@ -136,7 +147,7 @@ RULES: dict[type, dict[str, Any]] = {
         "detections_per_image": AT_LEAST_1,
         "detection_pre_nms_topk": AT_LEAST_1,
     },
-    C.InputConfig: {
+    "InputConfig": {
         "min_size": AT_LEAST_1,
         "max_size": AT_LEAST_1,
         "size_divisibility": AT_LEAST_1,
@@ -145,20 +156,20 @@ RULES: dict[type, dict[str, Any]] = {
         "max_gt_boxes": AT_LEAST_1,
         "mask_size": NON_NEGATIVE,  # 0: no masks in the batch
     },
-    C.RetinaNetConfig: {
+    "RetinaNetConfig": {
         "scales_per_octave": AT_LEAST_1,
         "num_convs": NON_NEGATIVE,
         "conv_channels": NON_NEGATIVE,  # 0: the pyramid's channels
-        "norm": Choice(("none", "group_norm")),
+        "norm": Choice(T.RETINANET_NORMS),
         "prior_probability": Range(0, 1, open_low=True, open_high=True),
         "positive_iou": UNIT,
         "negative_iou": UNIT,
         "box_coder_weights": Each(POSITIVE, 4, 4),
         "focal_alpha": UNIT,
         "focal_gamma": NON_NEGATIVE,
-        "box_loss": Choice(("smooth_l1", "l1")),
+        "box_loss": Choice(T.BOX_LOSSES),
         "smooth_l1_beta": NON_NEGATIVE,
-        "loss_normalization": Choice(("batch", "image")),
+        "loss_normalization": Choice(T.LOSS_NORMALIZATIONS),
         "class_loss_weight": NON_NEGATIVE,
         "box_loss_weight": NON_NEGATIVE,
         "score_threshold": UNIT,
@@ -166,14 +177,14 @@ RULES: dict[type, dict[str, Any]] = {
         "nms_iou": UNIT,
         "detections_per_image": AT_LEAST_1,
     },
-    C.MaskHeadConfig: {
+    "MaskHeadConfig": {
         "pooler_resolution": AT_LEAST_1,
         "sampling_ratio": AT_LEAST_1,
         "num_convs": NON_NEGATIVE,
         "conv_channels": AT_LEAST_1,
         "loss_weight": NON_NEGATIVE,
     },
-    C.SegmentProposalConfig: {
+    "SegmentProposalConfig": {
         "mlps": Each(Range(5, 7), min_len=1, max_len=2),  # 5 and/or 7 (cross-checked)
         "hidden_dim": AT_LEAST_1,
         "mask_size": AT_LEAST_1,
@@ -187,22 +198,25 @@ RULES: dict[type, dict[str, Any]] = {
         "proposals_per_image": AT_LEAST_1,
         "image_pyramid": Each(POSITIVE),
     },
-    C.ModelConfig: {
-        "type": Choice(C.MODEL_TYPES),
-        "num_classes": Range(2),  # background + at least one class
-        "compute_dtype": Choice(("float32", "mixed_bfloat16")),
+    "NeckConfig": {
+        "type": Choice(tuple(T.NECK_TYPES)),
     },
-    C.DataConfig: {
-        "source": Choice(("synthetic", "coco_json", "tfds")),
+    "ModelConfig": {
+        "type": Choice(tuple(T.DETECTOR_TYPES)),
+        "num_classes": Range(2),  # background + at least one class
+        "compute_dtype": Choice(T.COMPUTE_DTYPES),
+    },
+    "DataConfig": {
+        "source": Choice(T.DATA_SOURCES),
         "synthetic_num_train": AT_LEAST_1,
         "synthetic_num_eval": AT_LEAST_1,
         "synthetic_image_size": Range(16),  # write_synthetic_coco's limits
         "synthetic_num_classes": Range(1, 6),  # synthetic.SHAPES
         "synthetic_seed": NON_NEGATIVE,
         "shuffle_buffer": NON_NEGATIVE,
-        "bad_image_policy": Choice(("skip", "error")),
+        "bad_image_policy": Choice(T.BAD_IMAGE_POLICIES),
     },
-    C.TrainConfig: {
+    "TrainConfig": {
         "batch_size": AT_LEAST_1,
         "train_steps": AT_LEAST_1,
         "base_learning_rate": POSITIVE,
@@ -221,7 +235,7 @@ RULES: dict[type, dict[str, Any]] = {
         "loss_scale_growth_steps": AT_LEAST_1,
         "seed": NON_NEGATIVE,
     },
-    C.EvalConfig: {
+    "EvalConfig": {
         "batch_size": AT_LEAST_1,
         "num_images": NON_NEGATIVE,  # 0: all
     },
@@ -230,7 +244,7 @@ RULES: dict[type, dict[str, Any]] = {
 
 def _field_problems(config: Any, where: str) -> list[str]:
     problems = []
-    for name, rule in RULES.get(type(config), {}).items():
+    for name, rule in RULES.get(type(config).__name__, {}).items():
         if not hasattr(config, name):
             continue
         value = getattr(config, name)
@@ -245,18 +259,6 @@ def _field_problems(config: Any, where: str) -> list[str]:
         elif not rule.ok(value):
             problems.append(f"{key} must {rule.describe()}, got {value!r}")
     return problems
-
-
-def pyramid_levels(fpn: C.FPNConfig) -> list[int]:
-    """The level numbers the RPN runs on (``fpn_backbone.fpn_output_specs``'s order)."""
-    if fpn.variant in ("c4", "c5"):
-        return [int(fpn.variant[1])]
-    if fpn.variant == "p2_only":
-        return [fpn.min_level]
-    levels = list(range(fpn.min_level, fpn.max_level + 1))
-    if fpn.extra_block != "none":
-        levels += [fpn.max_level + k for k in range(1, fpn.num_extra_levels + 1)]
-    return levels
 
 
 def _not_above(out: list[str], where: str, config, low: str, high: str) -> bool:
@@ -276,6 +278,11 @@ def _model_problems(m: C.ModelConfig, where: str) -> list[str]:
         out.append(f"{where}fpn.num_extra_levels must be 1 with maxpool, got {fpn.num_extra_levels}")
     if fpn.extra_block.startswith("conv") and fpn.num_extra_levels < 1:
         out.append(f"{where}fpn.num_extra_levels must be >= 1 with extra_block {fpn.extra_block}")
+    if fpn.variant != "fpn" and m.neck.type != "fpn":
+        out.append(
+            f"{where}fpn.variant {fpn.variant!r} is an ablation of the FPN neck; "
+            f"it cannot be combined with {where}neck.type {m.neck.type!r}"
+        )
     levels = pyramid_levels(fpn)
     if len(levels) > 1 and len(m.anchors.sizes) != len(levels):
         out.append(
@@ -304,7 +311,7 @@ def _train_problems(t: C.TrainConfig, where: str) -> list[str]:
     return []
 
 
-_CROSS = {C.ModelConfig: _model_problems, C.TrainConfig: _train_problems}
+_CROSS = {"ModelConfig": _model_problems, "TrainConfig": _train_problems}
 
 
 def config_problems(config: Any, where: str = "") -> list[str]:
@@ -315,8 +322,8 @@ def config_problems(config: Any, where: str = "") -> list[str]:
         value = getattr(config, f.name)
         if dataclasses.is_dataclass(value):
             problems += config_problems(value, prefix + f.name)
-    if type(config) in _CROSS:
-        problems += _CROSS[type(config)](config, prefix)
+    if type(config).__name__ in _CROSS:
+        problems += _CROSS[type(config).__name__](config, prefix)
     return problems
 
 
@@ -324,5 +331,5 @@ def check_config(config: Any, where: str = "") -> Any:
     """Returns ``config`` unchanged, or raises ``ConfigError`` listing every problem."""
     problems = config_problems(config, where)
     if problems:
-        raise C.ConfigError("; ".join(problems))
+        raise ConfigError("; ".join(problems))
     return config

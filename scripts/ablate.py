@@ -6,7 +6,7 @@
 Every row trains from the same config, data, step budget and seed; only what the
 paper's row changes differs (``ROWS``):
 
-* Table 1 (``model.rpn_only``): (a) C4 and (b) C5 single-scale RPNs (all anchor
+* Table 1 (``model.type: rpn``): (a) C4 and (b) C5 single-scale RPNs (all anchor
   sizes on the one map, the raw C4/C5 channels), (c) FPN, (d) bottom-up pyramid
   (no top-down), (e) top-down pyramid without lateral connections, (f) P2 only.
   Reports AR@100, AR@1000 and AR_s/m/l@1000 and the anchor count per image.
@@ -148,7 +148,7 @@ def select_rows(tables: str = "1,3", only: str = "") -> list[Row]:
 
 
 def row_config(base: ExperimentConfig, row: Row) -> ExperimentConfig:
-    """``base`` with what ``row`` changes: the pyramid variant, rpn_only, the RoI head."""
+    """``base`` with what ``row`` changes: the pyramid variant, the RPN alone (type rpn), the RoI head."""
     model = base.model
     fpn = dataclasses.replace(model.fpn, variant=row.variant)
     roi_head = model.roi_head
@@ -156,7 +156,8 @@ def row_config(base: ExperimentConfig, row: Row) -> ExperimentConfig:
         roi_head = dataclasses.replace(roi_head, head=row.head)
         if row.head == "conv5":
             roi_head = dataclasses.replace(roi_head, pooler_resolution=CONV5_POOLER_RESOLUTION)
-    model = dataclasses.replace(model, fpn=fpn, roi_head=roi_head, rpn_only=row.table == 1)
+    model_type = "rpn" if row.table == 1 else model.type
+    model = dataclasses.replace(model, type=model_type, fpn=fpn, roi_head=roi_head)
     return dataclasses.replace(base, model=model)
 
 

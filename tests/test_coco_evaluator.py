@@ -273,11 +273,11 @@ def test_segment_proposal_recall_at_10_100_1000():
             proposals.append(
                 {"image_id": image_id, "segmentation": ce.mask_to_rle(junk), "score": 0.5 + k * 1e-3}
             )
-    ar = ce.evaluate_segment_proposals(gt, proposals)
+    ar = ce.evaluate_segment_ar(gt, proposals)
     assert set(ar) == set(ce.SEGMENT_PROPOSAL_METRICS)
     # 5 objects: image 1's two and the triangle early; image 2's ellipse 50th; image 3's ellipse 150th
     assert ar["AR@10"] == pytest.approx(3 / 5)
     assert ar["AR@100"] == pytest.approx(4 / 5)
     assert ar["AR@1000"] == pytest.approx(1.0)
     assert ar["ARs@1000"] == ar["ARm@1000"] == ar["ARl@1000"] == pytest.approx(1.0)
-    assert ce.evaluate_segment_proposals(gt, [])["AR@1000"] == 0.0
+    assert ce.evaluate_segment_ar(gt, [])["AR@1000"] == 0.0

@@ -44,7 +44,7 @@ def test_every_numeric_field_has_a_range_rule():
             t = hints[f.name]
             is_tuple = typing.get_origin(t) is tuple
             numeric = t in (int, float) or (is_tuple and typing.get_args(t)[0] in (int, float))
-            if numeric and f.name not in RULES.get(cls, {}):
+            if numeric and f.name not in RULES.get(cls.__name__, {}):
                 missing.append(f"{cls.__name__}.{f.name}")
     assert missing == []
 

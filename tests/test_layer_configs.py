@@ -162,6 +162,7 @@ CASES = {
     "DenseDetectionGenerator": _dense_case,
     "MaskRCNN": lambda: _model_case(fpn_tf.MaskRCNN, tiny_mask_config()),
     "RetinaNet": lambda: _model_case(fpn_tf.RetinaNet, tiny_retinanet_config()),
+    "ProposalNetwork": lambda: _model_case(fpn_tf.ProposalNetwork, tiny_model_config(type="rpn")),
     "ToInputPixels": lambda: (
         ToInputPixels(),
         (BOXES, tf.constant([[120.0, 100.0, 60.0, 50.0, 0.5, 0.5]])),

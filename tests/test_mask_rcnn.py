@@ -83,8 +83,8 @@ def test_layers_get_config_round_trip():
     info = tf.constant([[100.0, 200.0, 50.0, 100.0, 0.5, 0.5]])
     np.testing.assert_allclose(_np(ToInputPixels()(tf.constant([[[10.0, 20.0, 30.0, 40.0]]]), info)),
                                [[[5.0, 10.0, 15.0, 20.0]]])  # fmt: skip
-    with pytest.raises(ValueError, match="rpn_only"):
-        MaskRCNN(tiny_mask_config(rpn_only=True))
+    with pytest.raises(ValueError, match="MaskRCNN is model.type 'mask_rcnn', got a config of type 'faster"):
+        MaskRCNN(dataclasses.replace(tiny_mask_config(), type="faster_rcnn"))
 
 
 def _tiny_batch(num: int = 2, seed: int = 0):

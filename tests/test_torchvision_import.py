@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from fpn_tf.config import AnchorConfig, RPNConfig, to_dict
 from fpn_tf.data.preprocess import preprocess_for_inference
+from fpn_tf.models.build import build_model
 from fpn_tf.models.faster_rcnn import build_faster_rcnn
 from fpn_tf.models.presets import TORCHVISION_COCO_NAMES, torchvision_coco_label_map, torchvision_v1_config
 from fpn_tf.models.rpn import ProposalGenerator
@@ -113,7 +114,7 @@ def _tiny(seed: int, **overrides):
         roi_head=dataclasses.replace(cfg.roi_head, fc_dim=64, detections_per_image=20, score_threshold=0.0),
         input=dataclasses.replace(cfg.input, min_size=128, max_size=160),
     )
-    model = build_faster_rcnn(config=cfg)
+    model = build_model(cfg)  # a faster_rcnn, or the rpn of the unsupported-model check
     rng = np.random.default_rng(seed)
     for v in model.weights:  # everything non-trivial, BN statistics included
         value = rng.normal(0, 0.05, v.shape)
@@ -192,8 +193,8 @@ def test_errors_name_every_key_and_leave_the_model_untouched(tiny_pair):
     np.testing.assert_array_equal(_np(target.rpn_head.conv.kernel), _np(source.rpn_head.conv.kernel))
     with pytest.raises(FileNotFoundError, match="no_such.pth"):
         load_torchvision_state_dict(target, "/nonexistent/no_such.pth")
-    with pytest.raises(WeightImportError, match="rpn_only=True"):
-        load_torchvision_state_dict(_tiny(2, rpn_only=True), sd)
+    with pytest.raises(WeightImportError, match="model.type 'rpn'"):
+        load_torchvision_state_dict(_tiny(2, type="rpn"), sd)
 
 
 def test_pth_file_is_read_with_torch_load(tiny_pair, tmp_path):
@@ -374,7 +375,7 @@ def parity(tmp_path_factory):
     ours = {k: _np(v) for k, v in model.pyramid(model.normalizer(images, image_info)).items()}
     anchors = model.proposal_generator.anchors({k: tf.constant(v) for k, v in ours.items()})
     ours["anchors"] = np.concatenate([_np(anchors[level]) for level in model.levels])
-    ours.update({k: _np(v) for k, v in model.predict_proposals(images, image_info).items()})
+    ours.update({k: _np(v) for k, v in model.proposal_outputs(images, image_info).items()})
     model.detection_generator.score_threshold = SCORE_THRESHOLD
     ours.update({k: _np(v) for k, v in model({"images": images, "image_info": image_info}).items()})
     return {"theirs": theirs, "ours": ours, "model": model, "folder": folder}

@@ -9,7 +9,7 @@
   array directly.
 - ``evaluate_detections(..., iou_type="segm")``: the same twelve metrics for
   instance masks (mask AP of Mask R-CNN), scored on RLE masks.
-- ``evaluate_segment_proposals``: class-agnostic average recall of segment
+- ``evaluate_segment_ar``: class-agnostic average recall of segment
   proposals, AR@10/100/1000 and ARs/m/l@1000 with ``iouType="segm"`` and
   ``useCats=0`` (paper §6, Table 6).
 
@@ -205,7 +205,7 @@ def evaluate_proposals(
     }
 
 
-def evaluate_segment_proposals(
+def evaluate_segment_ar(
     coco_gt: COCO | str | dict, proposals: list[dict], image_ids: Iterable[int] | None = None
 ) -> dict[str, float]:
     """Class-agnostic average recall of segment proposals (paper §6, Table 6).
@@ -330,7 +330,7 @@ def proposals_to_coco(image_ids, boxes, scores, num_proposals, masks=None, image
 
     With ``masks`` [B, N, S, S] (box-relative probabilities over ``boxes``) and
     ``image_hw`` [B, 2], each proposal also gets its pasted ``"segmentation"``
-    (RLE), for ``evaluate_segment_proposals``.
+    (RLE), for ``evaluate_segment_ar``.
     """
     image_ids = np.asarray(image_ids).reshape(-1)
     boxes, scores = np.asarray(boxes, np.float64), np.asarray(scores, np.float64)

@@ -1,7 +1,7 @@
 """Runs a trained model over the eval split and computes COCO AP (and proposal AR).
 
 A model whose outputs hold ``proposal_masks`` (the segment proposer, paper §6) is
-scored by class-agnostic segment AR (``evaluate_segment_proposals``) instead of AP.
+scored by class-agnostic segment AR (``evaluate_segment_ar``) instead of AP.
 
 The model comes from a training directory (the trainer's checkpoint; the run's
 ``config.yaml`` is read from there when no config is given) or from an exported
@@ -28,12 +28,13 @@ from fpn_tf import checkpoints
 from fpn_tf.checkpoints import checkpoint_prefix
 from fpn_tf.config import ExperimentConfig, load_config
 from fpn_tf.data.pipeline import build_dataset
+from fpn_tf.detector_types import detector_type
 from fpn_tf.evaluation.coco_evaluator import (
     PROPOSAL_METRICS,
     detections_to_coco,
     evaluate_detections,
     evaluate_proposals,
-    evaluate_segment_proposals,
+    evaluate_segment_ar,
     proposals_to_coco,
 )
 from fpn_tf.summaries import write_scalars
@@ -79,7 +80,7 @@ def _predict_fns(model: keras.Model, proposals: bool, xla: bool):
 
     @tf.function(jit_compile=xla)
     def propose(images, image_info):
-        return model.predict_proposals(images, image_info)
+        return model.proposal_outputs(images, image_info)
 
     return detect, (propose if proposals else None)
 
@@ -123,11 +124,11 @@ class _Results:
             image_hw=image_hw if masks is not None else None,
         )
 
-    def metrics(self, coco_gt, with_proposals: bool, rpn_only: bool) -> dict[str, float]:
+    def metrics(self, coco_gt, with_proposals: bool, scored: tuple[str, ...]) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if self.segments:
-            metrics.update(evaluate_segment_proposals(coco_gt, self.segments, self.image_ids))
-        elif not rpn_only:
+            metrics.update(evaluate_segment_ar(coco_gt, self.segments, self.image_ids))
+        elif "boxes" in scored:
             metrics.update(evaluate_detections(coco_gt, self.detections, self.image_ids))
             if self.with_masks:
                 segm = evaluate_detections(coco_gt, self.detections, self.image_ids, iou_type="segm")
@@ -137,7 +138,7 @@ class _Results:
         return metrics
 
 
-def _run(dataset, detect, propose, limit: int, rpn_only: bool, label_map) -> tuple[_Results, float]:
+def _run(dataset, detect, propose, limit: int, label_map) -> tuple[_Results, float]:
     """Runs ``detect`` (and ``propose``) over the eval batches; (results, wall seconds)."""
     results = _Results()
     start = time.perf_counter()
@@ -150,7 +151,7 @@ def _run(dataset, detect, propose, limit: int, rpn_only: bool, label_map) -> tup
             batch = {k: v[:keep] for k, v in batch.items()}
             ids = ids[:keep]
         images, image_info = batch["images"], batch["image_info"]
-        if not rpn_only:
+        if detect is not None:
             tick = time.perf_counter()
             out = {k: v.numpy() for k, v in detect(images, image_info).items()}
             if results.image_ids:  # the first batch traces the function: not timed
@@ -203,8 +204,9 @@ def evaluate(
             or the latest in ``model_dir``).
         saved_model: evaluate an export instead (a version dir or its parent).
         model: evaluate this in-memory model instead.
-        proposals: also compute proposal AR (default: only for rpn_only models;
-            rpn_only models report AR only).
+        proposals: also compute proposal AR (default: for the models whose
+            ``scored_outputs`` are proposals, e.g. ``model.type: rpn``, which report
+            AR only).
         num_images: evaluate the first N images (default ``config.eval.num_images``, 0 = all).
         batch_size: default ``config.eval.batch_size``.
         xla: compile inference with XLA.
@@ -221,8 +223,9 @@ def evaluate(
     Long by this docstring and its argument checks; the work is ``_run``, ``_Results``
     and ``_record``.
     """
-    rpn_only = config.model.rpn_only
-    proposals = rpn_only if proposals is None else bool(proposals)
+    scored = detector_type(config.model.type).scores
+    proposals = "proposals" in scored if proposals is None else bool(proposals)
+    detects = any(kind in scored for kind in ("boxes", "segments"))
     limit = config.eval.num_images if num_images is None else int(num_images)
     dataset, info = build_dataset(
         config.data,
@@ -245,16 +248,21 @@ def evaluate(
             step = checkpoint_step(prefix)
             model = restore_model(config, prefix)
             model_dir = model_dir or os.path.dirname(prefix)
-        if model.config.num_classes != info.label_map.num_classes and not rpn_only:
+        scored = model.scored_outputs()
+        if model.config.num_classes != info.label_map.num_classes and "boxes" in scored:
             raise ValueError(
                 f"the model has num_classes={model.config.num_classes} but the eval data has "
                 f"{len(info.label_map)} categories (+ background = {info.label_map.num_classes})"
             )
+        if proposals and not model.has_proposals:
+            raise ValueError(f"model.type {model.config.type!r} has no proposal stage to score by AR")
         detect, propose = _predict_fns(model, proposals, xla)
+    if not detects:
+        detect = None
 
-    results, seconds = _run(dataset, detect, propose, limit, rpn_only, label_map)
+    results, seconds = _run(dataset, detect, propose, limit, label_map)
     image_ids = results.image_ids
-    metrics = results.metrics(info.coco_gt, proposals, rpn_only)
+    metrics = results.metrics(info.coco_gt, proposals, scored)
     metrics["num_images"] = len(image_ids)
     metrics["seconds_per_image"] = seconds / len(image_ids)
     if results.timed_images:  # the model call alone (no tracing, no COCO conversion): the paper's "time"

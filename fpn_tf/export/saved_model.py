@@ -22,7 +22,6 @@ twice). The signatures are described in ``fpn_tf.export.serving``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -71,25 +70,13 @@ def existing_versions(model_dir: str) -> list[int]:
 
 
 def served_model_config(model) -> ModelConfig:
-    """``model.config`` with the detection settings the model actually runs with.
+    """``model.config`` with the inference settings the model actually runs with.
 
-    A caller may change ``model.detection_generator``'s ``score_threshold``,
-    ``nms_iou`` or ``detections_per_image`` after building; the exported config
-    records the values the SavedModel was traced with.
+    A caller may change e.g. a detection generator's ``score_threshold`` after
+    building; the exported config records the values the SavedModel was traced with
+    (``Detector.served_config``).
     """
-    if hasattr(model, "served_config"):  # a detector that knows where its settings live
-        return model.served_config()
-    cfg = model.config
-    gen = getattr(model, "detection_generator", None)
-    if gen is None:  # a proposal model (e.g. segment proposals): nothing to record
-        return cfg
-    roi_head = dataclasses.replace(
-        cfg.roi_head,
-        score_threshold=float(gen.score_threshold),
-        nms_iou=float(gen.nms_iou),
-        detections_per_image=int(gen.detections_per_image),
-    )
-    return dataclasses.replace(cfg, roi_head=roi_head)
+    return model.served_config()
 
 
 def _new_version_path(export_dir_base: str, name: str, version: int | None) -> str:

@@ -17,7 +17,7 @@ tf_example          tf.string ``[B]`` serialized tf.Example     serialized_examp
 Each image is decoded, resized with the training resize rule and zero padded to
 the batch's largest resized size (rounded up to ``size_divisibility``) by the
 functions of ``fpn_tf.data.preprocess``; then one batched call of the model's own
-``call`` runs. Every signature returns (D = ``roi_head.detections_per_image``):
+``call`` runs. Every signature returns (D detections per image, the model's setting):
 
 - ``detection_boxes`` float32 ``[B, D, 4]``: ``(y1, x1, y2, x2)`` in pixels of the
   ORIGINAL image each client sent (not the resized network input);
@@ -25,7 +25,7 @@ functions of ``fpn_tf.data.preprocess``; then one batched call of the model's ow
   original (height, width, height, width), in [0, 1];
 - ``detection_scores`` float32 ``[B, D]``, sorted in decreasing order;
 - ``detection_classes`` int32 ``[B, D]``: the dataset's own category ids (via the
-  label map; the contiguous labels 1..K when there is none);
+  label map; the contiguous labels 1..K-1 when there is none);
 - ``num_detections`` int32 ``[B]``: rows ``[:num_detections]`` are detections, the
   rest are padding (boxes, scores and classes 0).
 
@@ -261,8 +261,9 @@ class DetectionModule(tf.Module):
         self.full_image_max_pixels = int(full_image_max_pixels)
         self.mask_threshold = float(mask_threshold)
         config = model.config
-        if config.rpn_only:
-            raise ValueError("an rpn_only model has no detections to serve; export a full Faster R-CNN")
+        problem = model.serving_problem()
+        if problem:
+            raise ValueError(f"cannot serve this model: {problem}")
         if label_map is None:
             label_map = identity_label_map(config.num_classes)
         if label_map.num_classes != config.num_classes:

@@ -11,21 +11,28 @@ three methods that a subclass writes once:
 
 ``Detector.__init__`` builds the functional graph as ``postprocess(forward(...))``
 on symbolic inputs, so inference, training (``compute_losses``) and export run the
-same layers. The trainer calls only ``compute_losses``; the evaluator, the exporter
-and ``scripts/predict.py`` only call the model (``model(inputs)``) and read its
-output dict by key:
+same layers. The trainer calls only ``compute_losses``; the evaluator, the exporter,
+serving and ``scripts/predict.py`` call the model (``model(inputs)``), read its
+output dict by key and ask the methods below what else they need, never a
+detector's type or attributes:
 
     detection_boxes [B, D, 4], detection_scores [B, D], detection_classes [B, D]
     (contiguous labels 1..K-1, 0 in padding), num_detections [B]: box detectors;
     detection_masks [B, D, M, M]: box-relative mask probabilities (mask detectors);
-    proposal_boxes / proposal_scores / num_proposals: proposal models.
+    proposal_boxes [B, N, 4] / proposal_scores [B, N] (+ proposal_masks [B, N, M, M]):
+    proposal models.
+
+    scored_outputs()            what evaluation scores (fpn_tf.detector_types.SCORED_OUTPUTS)
+    proposal_outputs(images, image_info)   RPN proposals for AR (models with an RPN)
+    served_config()             the config with the inference settings the model runs with
+    serving_problem()           why it cannot serve detections (None when it can)
 
 Adding a detector: a module under ``fpn_tf/models/`` with a ``Detector`` subclass and
-a ``build_<name>()`` function, and one entry in ``fpn_tf.models.build.MODEL_TYPES``
-(docs/design.md walks through Faster R-CNN as the example).
+a ``build_<name>()`` function, and one entry in ``fpn_tf.detector_types.DETECTOR_TYPES``
+(docs/design.md walks through it).
 
-Shapes: B images, H/W padded input size, D detections per image, M mask side.
-image_info [B, 6] is (orig_h, orig_w, valid_h, valid_w, scale_y, scale_x).
+Shapes: B images, H/W padded input size, D detections per image, N proposals per
+image, M mask side. image_info [B, 6] is (orig_h, orig_w, valid_h, valid_w, scale_y, scale_x).
 """
 
 from __future__ import annotations
@@ -35,9 +42,11 @@ import contextlib
 import keras
 import tensorflow as tf
 
+from fpn_tf import detector_types
 from fpn_tf.config import ModelConfig, from_dict, to_dict
-
-COMPUTE_DTYPES = ("float32", "mixed_bfloat16")
+from fpn_tf.detector_types import COMPUTE_DTYPES
+from fpn_tf.layers.normalization import PixelNormalization
+from fpn_tf.models.fpn_backbone import build_pyramid
 
 
 @contextlib.contextmanager
@@ -86,6 +95,15 @@ def image_seeds(batch: dict, step, stage: int = 0) -> tf.Tensor:
     return tf.stack([ids, tf.fill([batch_size], step * 2 + stage)], axis=1)
 
 
+def pyramid_channels(specs: dict[str, tuple[int, int]]) -> int:
+    """The one channel count of a pyramid's levels (shared heads need one)."""
+    channels = {c for c, _ in specs.values()}
+    if len(channels) != 1:
+        raise ValueError(f"pyramid levels differ in channels {channels}; a shared head needs one")
+    (in_channels,) = channels
+    return in_channels
+
+
 class Detector(keras.Model):
     """Base class of the detectors: a functional model built from forward + postprocess.
 
@@ -97,10 +115,15 @@ class Detector(keras.Model):
     loss_keys: tuple[str, ...] = ("total_loss",)
 
     def __init__(self, config: ModelConfig | dict | None = None, **kwargs):
+        model_type = detector_types.type_of_detector_class(type(self))
         if config is None:
-            config = ModelConfig()
+            config = ModelConfig(type=model_type)
         elif isinstance(config, dict):
-            config = from_dict(ModelConfig, config)
+            config = from_dict(ModelConfig, {"type": model_type, **config})
+        if config.type != model_type:
+            raise ValueError(
+                f"{type(self).__name__} is model.type {model_type!r}, got a config of type {config.type!r}"
+            )
         self.config = config
         self.build_layers(config)
         images = keras.Input(shape=(None, None, 3), name="images", dtype="float32")
@@ -123,7 +146,55 @@ class Detector(keras.Model):
     def postprocess(self, raw: dict, image_info) -> dict:
         raise NotImplementedError
 
+    # -- what the evaluator, the exporter and serving ask ------------------------------
+    def scored_outputs(self) -> tuple[str, ...]:
+        """What evaluation scores: some of "boxes", "masks", "proposals", "segments"."""
+        return detector_types.detector_type(self.config.type).scores
+
+    def proposal_outputs(self, images, image_info) -> dict[str, tf.Tensor]:
+        """Test-time proposals for AR: proposal_boxes [B, N, 4] (original pixels), ... .
+
+        Only detectors with a proposal stage implement it (``has_proposals``).
+        """
+        raise NotImplementedError(f"model.type {self.config.type!r} has no proposal stage")
+
+    @property
+    def has_proposals(self) -> bool:
+        return type(self).proposal_outputs is not Detector.proposal_outputs
+
+    def served_config(self) -> ModelConfig:
+        """``config`` with the inference settings the model runs with now (the exported record).
+
+        A detector whose settings can be changed after building (e.g. a detection
+        generator's score threshold) overrides this to read them back.
+        """
+        return self.config
+
+    def serving_problem(self) -> str | None:
+        """Why the model cannot serve detections (None: it can); the exporter refuses with it."""
+        if "boxes" in self.scored_outputs() or "segments" in self.scored_outputs():
+            return None
+        return f"model.type {self.config.type!r} has no detections to serve"
+
     # -- shared -----------------------------------------------------------------------
+    def build_pyramid(self, cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+        """Builds the pixel normaliser and the pyramid (ResNet + ``cfg.neck``) once.
+
+        Sets ``self.normalizer`` and ``self.pyramid``; returns the pyramid's
+        ``{level: (channels, stride)}`` read off the built layers (finest first). The
+        pyramid's convs run under ``cfg.compute_dtype``.
+        """
+        self.normalizer = PixelNormalization(
+            cfg.input.pixel_mean, cfg.input.pixel_std, dtype="float32", name="pixel_normalization"
+        )
+        with dtype_policy(compute_policy(cfg)):
+            self.pyramid, specs = build_pyramid(cfg, name="pyramid")
+        return specs
+
+    def pyramid_features(self, images, image_info, training=False) -> dict:
+        """Raw images [B, H, W, 3] (0..255) -> the pyramid's levels ``{"P2": [B, h, w, C], ...}``."""
+        return self.pyramid(self.normalizer(images, image_info), training=training)
+
     def compute_losses(self, batch: dict, training: bool = True, step=0) -> dict[str, tf.Tensor]:
         """Scalar float32 losses of one batch (docs/design.md), keyed by ``loss_keys``.
 

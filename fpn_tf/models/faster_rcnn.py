@@ -7,39 +7,30 @@
         -> RPNHead (every level) -> ProposalGenerator -> RoIPooler (P2..P5, eq. 1)
         -> box head (2fc) -> DetectionGenerator -> detections (original pixels)
 
-Shapes: B images, H/W padded input size, N proposals per image, S sampled RoIs per
+Shapes: B images, H/W padded input size, N proposals per image, R sampled RoIs per
 image, K classes including background, D detections per image.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import tensorflow as tf
 
 from fpn_tf.config import ModelConfig, to_dict
-from fpn_tf.layers.normalization import PixelNormalization
+from fpn_tf.detector_types import BOX_HEADS
 from fpn_tf.models import fast_rcnn
 from fpn_tf.models import rpn as rpn_lib
 from fpn_tf.models.box_heads import build_box_head
 from fpn_tf.models.detection_generator import DetectionGenerator, ToOriginalPixels
-from fpn_tf.models.detector import Detector, compute_policy, dtype_policy, image_seeds
-from fpn_tf.models.fpn_backbone import build_fpn_backbone, fpn_output_specs
+from fpn_tf.models.detector import Detector, compute_policy, dtype_policy, image_seeds, pyramid_channels
 from fpn_tf.models.presets import resolve_model_config
 from fpn_tf.models.roi_pooler import roi_pooler_from_config
 from fpn_tf.ops import anchors as anchor_ops
 from fpn_tf.ops.box_ops import to_original_pixels
 
-BOX_HEADS = ("2fc", "conv5")
 LOSS_KEYS = ("rpn_objectness_loss", "rpn_box_loss", "rcnn_class_loss", "rcnn_box_loss", "total_loss")
-
-
-def pyramid_channels(specs: dict) -> int:
-    """The one channel count of a pyramid's levels (shared heads need one)."""
-    channels = {c for c, _ in specs.values()}
-    if len(channels) != 1:
-        raise ValueError(f"pyramid levels differ in channels {channels}; a shared head needs one")
-    (in_channels,) = channels
-    return in_channels
 
 
 def rpn_anchors_per_location(cfg: ModelConfig, levels: list[str]) -> int:
@@ -60,9 +51,7 @@ class FasterRCNN(Detector):
 
     Call outputs: detection_boxes [B, D, 4] float32 (y1, x1, y2, x2) in
     original-image pixels, detection_scores [B, D], detection_classes [B, D] int32
-    contiguous labels 1..K-1 (0 = padding), num_detections [B] int32. With
-    ``rpn_only`` the outputs are proposal_boxes [B, N, 4] (original pixels) and
-    proposal_scores [B, N] instead.
+    contiguous labels 1..K-1 (0 = padding), num_detections [B] int32.
 
     ``config.compute_dtype="mixed_bfloat16"`` runs the backbone, FPN, RPN head and
     box head in bfloat16 with float32 variables (the same checkpoints as float32);
@@ -72,29 +61,34 @@ class FasterRCNN(Detector):
     loss_keys = LOSS_KEYS
 
     def build_layers(self, cfg: ModelConfig) -> None:
-        if cfg.roi_head.head not in BOX_HEADS:
-            raise ValueError(
-                f"unknown roi_head.head {cfg.roi_head.head!r}; valid heads: {', '.join(BOX_HEADS)}"
-            )
-        specs = fpn_output_specs(cfg.backbone, cfg.fpn)
+        in_channels = self.build_first_stage(cfg)
+        self.build_second_stage(cfg, in_channels)
+
+    def build_first_stage(self, cfg: ModelConfig) -> int:
+        """Normaliser, pyramid, RPN head and proposal generator; returns the pyramid's channels."""
+        specs = self.build_pyramid(cfg)
         self.levels = list(specs)
         in_channels = pyramid_channels(specs)
         num_anchors = rpn_anchors_per_location(cfg, self.levels)
-        r = cfg.roi_head
-        self.normalizer = PixelNormalization(
-            cfg.input.pixel_mean, cfg.input.pixel_std, dtype="float32", name="pixel_normalization"
-        )
-        # The convs and fcs run under compute_dtype; the RoI pooler reads the features
-        # in their own dtype (it computes in float32).
         with dtype_policy(compute_policy(cfg)):
-            self.pyramid = build_fpn_backbone(cfg.backbone, cfg.fpn, name="pyramid")
             self.rpn_head = rpn_lib.RPNHead(
                 num_anchors, cfg.rpn.conv_channels or in_channels, name="rpn_head"
             )
-            self.box_head = build_box_head(cfg, in_channels)
         self.proposal_generator = rpn_lib.ProposalGenerator(
             to_dict(cfg.anchors), to_dict(cfg.rpn), self.levels, dtype="float32", name="proposal_generator"
         )
+        self.proposals_to_original = ToOriginalPixels(dtype="float32", name="proposals_to_original")
+        return in_channels
+
+    def build_second_stage(self, cfg: ModelConfig, in_channels: int) -> None:
+        """RoI pooler, box head and detection generator (§4.2)."""
+        r = cfg.roi_head
+        if r.head not in BOX_HEADS:
+            raise ValueError(f"unknown roi_head.head {r.head!r}; valid heads: {', '.join(BOX_HEADS)}")
+        # The convs and fcs run under compute_dtype; the RoI pooler reads the features
+        # in their own dtype (it computes in float32).
+        with dtype_policy(compute_policy(cfg)):
+            self.box_head = build_box_head(cfg, in_channels)
         self.roi_pooler = roi_pooler_from_config(
             cfg, self.levels, r.pooler_resolution, r.sampling_ratio, name="roi_pooler"
         )
@@ -107,7 +101,6 @@ class FasterRCNN(Detector):
             dtype="float32",
             name="detection_generator",
         )
-        self.proposals_to_original = ToOriginalPixels(dtype="float32", name="proposals_to_original")
 
     def propose(self, images, image_info, training=False, with_anchors=False) -> dict:
         """normalise -> pyramid -> RPN head -> proposals (the first stage).
@@ -115,7 +108,7 @@ class FasterRCNN(Detector):
         Returns {"features", "rpn_outputs", "proposals"} and, ``with_anchors``,
         "anchors" (built once and shared by the proposals and the RPN losses).
         """
-        features = self.pyramid(self.normalizer(images, image_info), training=training)
+        features = self.pyramid_features(images, image_info, training=training)
         rpn_outputs = self.rpn_head(features, training=training)
         raw = {"features": features, "rpn_outputs": rpn_outputs}
         if with_anchors:
@@ -129,11 +122,9 @@ class FasterRCNN(Detector):
         """First stage, then (with targets: sampled RoIs ->) RoI pooling -> box head.
 
         Returns ``propose``'s dict plus "samples" (with targets), "class_logits"
-        [B, N or S, K] and "box_deltas" [B, N or S, K, 4].
+        [B, N or R, K] and "box_deltas" [B, N or R, K, 4] (R sampled RoIs per image).
         """
         raw = self.propose(images, image_info, training=targets is not None, with_anchors=targets is not None)
-        if self.config.rpn_only:
-            return raw
         rois = raw["proposals"]["boxes"]
         if targets is not None:
             raw["samples"] = fast_rcnn.sample_rois(
@@ -149,9 +140,9 @@ class FasterRCNN(Detector):
         raw["class_logits"], raw["box_deltas"] = self.box_head(pooled, training=training)
         return raw
 
-    def loss_terms(self, raw, targets, step=None) -> dict[str, tf.Tensor]:
-        """RPN objectness + box losses (§4.1) and Fast R-CNN class + box losses (§4.2)."""
-        result = rpn_lib.rpn_losses(
+    def rpn_loss_terms(self, raw, targets, step=None) -> dict[str, tf.Tensor]:
+        """RPN objectness + box losses (§4.1)."""
+        return rpn_lib.rpn_losses(
             raw["rpn_outputs"],
             raw["anchors"],
             self.levels,
@@ -160,29 +151,24 @@ class FasterRCNN(Detector):
             image_seeds(targets, step, stage=0),
             self.config.rpn,
         )
-        if self.config.rpn_only:
-            result["rcnn_class_loss"] = tf.constant(0.0)
-            result["rcnn_box_loss"] = tf.constant(0.0)
-        else:
-            result.update(
-                fast_rcnn.rcnn_losses(
-                    raw["class_logits"], raw["box_deltas"], raw["samples"], self.config.roi_head
-                )
+
+    def loss_terms(self, raw, targets, step=None) -> dict[str, tf.Tensor]:
+        """RPN objectness + box losses (§4.1) and Fast R-CNN class + box losses (§4.2)."""
+        result = self.rpn_loss_terms(raw, targets, step)
+        result.update(
+            fast_rcnn.rcnn_losses(
+                raw["class_logits"], raw["box_deltas"], raw["samples"], self.config.roi_head
             )
+        )
         return result
 
     def postprocess(self, raw, image_info) -> dict:
         proposals = raw["proposals"]
-        if self.config.rpn_only:
-            return {
-                "proposal_boxes": self.proposals_to_original(proposals["boxes"], image_info),
-                "proposal_scores": proposals["scores"],
-            }
         return self.detection_generator(
             raw["class_logits"], raw["box_deltas"], proposals["boxes"], proposals["valid"], image_info
         )
 
-    def predict_proposals(self, images, image_info) -> dict[str, tf.Tensor]:
+    def proposal_outputs(self, images, image_info) -> dict[str, tf.Tensor]:
         """Test-time RPN proposals (for AR, Table 1).
 
         Returns proposal_boxes [B, N, 4] in original pixels, proposal_scores [B, N],
@@ -196,6 +182,17 @@ class FasterRCNN(Detector):
             "proposal_scores": proposals["scores"],
             "num_proposals": tf.reduce_sum(tf.cast(proposals["valid"], tf.int32), axis=1),
         }
+
+    def served_config(self) -> ModelConfig:
+        """``config`` with the detection generator's settings as they are now (they may be changed)."""
+        gen = self.detection_generator
+        roi_head = dataclasses.replace(
+            self.config.roi_head,
+            score_threshold=float(gen.score_threshold),
+            nms_iou=float(gen.nms_iou),
+            detections_per_image=int(gen.detections_per_image),
+        )
+        return dataclasses.replace(self.config, roi_head=roi_head)
 
 
 def build_faster_rcnn(
@@ -211,10 +208,11 @@ def build_faster_rcnn(
       num_classes: classes including background (default 91, torchvision's COCO ids).
       backbone: "resnet50" (default), "resnet101", "resnet18", "resnet34".
       config: a full ModelConfig; ``num_classes``/``backbone`` override it.
-      preset: instead of ``config``, a named configuration of
-        ``fpn_tf.models.presets.PRESETS``, e.g. "torchvision_v1" (torchvision's
+      preset: instead of ``config``, a named configuration of the type (its ``presets`` in
+        ``fpn_tf.detector_types``), e.g. "torchvision_v1" (torchvision's
         fasterrcnn_resnet50_fpn graph, for its imported weights).
-      **overrides: top-level ModelConfig fields, e.g. ``rpn_only=True``.
+      **overrides: ModelConfig fields: a section as a dict of some of its keys (or its
+        dataclass), e.g. ``fpn={"num_channels": 64}``; an unknown key is an error naming it.
 
     Returns:
       A FasterRCNN functional model; see its docstring for inputs and outputs.

@@ -62,8 +62,6 @@ class MaskRCNN(FasterRCNN):
     loss_keys = LOSS_KEYS
 
     def build_layers(self, cfg: ModelConfig) -> None:
-        if cfg.rpn_only:
-            raise ValueError("model.type mask_rcnn cannot be rpn_only (use faster_rcnn with rpn_only)")
         if cfg.roi_head.head != "2fc":
             raise ValueError(f"mask_rcnn supports roi_head.head '2fc' only, got {cfg.roi_head.head!r}")
         super().build_layers(cfg)

@@ -36,17 +36,15 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from fpn_tf.config import ModelConfig, RetinaNetConfig, from_dict, to_dict
-from fpn_tf.layers.normalization import PixelNormalization
+from fpn_tf.config import ModelConfig, RetinaNetConfig, to_dict
+from fpn_tf.detector_types import BOX_LOSSES, LOSS_NORMALIZATIONS
 from fpn_tf.models.dense_detection_generator import DenseDetectionGenerator
-from fpn_tf.models.detector import Detector, compute_policy, dtype_policy
-from fpn_tf.models.fpn_backbone import build_fpn_backbone, fpn_output_specs
+from fpn_tf.models.detector import Detector, compute_policy, dtype_policy, pyramid_channels
 from fpn_tf.models.presets import resolve_model_config
 from fpn_tf.models.retinanet_head import RetinaNetHead
 from fpn_tf.ops import box_coder, losses, matcher
 
 LOSS_KEYS = ("class_loss", "box_loss", "total_loss")
-LOSS_NORMALIZATIONS = ("batch", "image")
 
 # Matching all anchors against the padded GT fuses well under XLA (see fpn_tf.models.rpn).
 _match_boxes_xla = tf.function(matcher.match_boxes, jit_compile=True, reduce_retracing=True)
@@ -61,10 +59,8 @@ def class_channels(cfg: ModelConfig) -> int:
 
 def _check_config(cfg: ModelConfig) -> None:
     r = cfg.retinanet
-    if cfg.rpn_only:
-        raise ValueError("model.rpn_only=True: RetinaNet has no proposal stage (a Faster R-CNN option)")
-    if r.box_loss not in losses.BOX_LOSSES:
-        raise ValueError(f"unknown retinanet.box_loss {r.box_loss!r}; valid: {', '.join(losses.BOX_LOSSES)}")
+    if r.box_loss not in BOX_LOSSES:
+        raise ValueError(f"unknown retinanet.box_loss {r.box_loss!r}; valid: {', '.join(BOX_LOSSES)}")
     if r.loss_normalization not in LOSS_NORMALIZATIONS:
         raise ValueError(
             f"unknown retinanet.loss_normalization {r.loss_normalization!r}; "
@@ -154,31 +150,17 @@ class RetinaNet(Detector):
 
     loss_keys = LOSS_KEYS
 
-    def __init__(self, config: ModelConfig | dict | None = None, **kwargs):
-        if config is None:
-            config = {"type": "retinanet"}
-        if isinstance(config, dict):
-            config = from_dict(ModelConfig, config)
-        super().__init__(config, **kwargs)
-
     def build_layers(self, cfg: ModelConfig) -> None:
         _check_config(cfg)
-        specs = fpn_output_specs(cfg.backbone, cfg.fpn)
+        specs = self.build_pyramid(cfg)
         self.levels = list(specs)
-        channels = {c for c, _ in specs.values()}
-        if len(channels) != 1:
-            raise ValueError(f"pyramid levels differ in channels {channels}; the shared head needs one")
-        (in_channels,) = channels
+        in_channels = pyramid_channels(specs)
         r = cfg.retinanet
-        self.normalizer = PixelNormalization(
-            cfg.input.pixel_mean, cfg.input.pixel_std, dtype="float32", name="pixel_normalization"
-        )
         self.detection_generator = DenseDetectionGenerator(
             to_dict(cfg.anchors), to_dict(r), self.levels, dtype="float32", name="detection_generator"
         )
         self.num_class_channels = class_channels(cfg)
         with dtype_policy(compute_policy(cfg)):
-            self.pyramid = build_fpn_backbone(cfg.backbone, cfg.fpn, name="pyramid")
             self.head = RetinaNetHead(
                 self.detection_generator.num_anchors,
                 self.num_class_channels,
@@ -191,7 +173,7 @@ class RetinaNet(Detector):
 
     def forward(self, images, image_info, training=False, targets=None, step=None) -> dict:
         """normalise -> pyramid -> head; returns {"features", "head_outputs"}."""
-        features = self.pyramid(self.normalizer(images, image_info), training=training)
+        features = self.pyramid_features(images, image_info, training=training)
         head_outputs = self.head(features, training=training)
         return {"features": features, "head_outputs": head_outputs}
 

@@ -30,16 +30,11 @@ R locations per image, N selected locations per image, S mask side.
 
 from __future__ import annotations
 
-import dataclasses
-
 import keras
 import tensorflow as tf
 
 from fpn_tf.config import ModelConfig
-from fpn_tf.layers.normalization import PixelNormalization
-from fpn_tf.models.detector import Detector, compute_policy, dtype_policy, image_seeds
-from fpn_tf.models.faster_rcnn import pyramid_channels
-from fpn_tf.models.fpn_backbone import build_fpn_backbone, fpn_output_specs
+from fpn_tf.models.detector import Detector, compute_policy, dtype_policy, image_seeds, pyramid_channels
 from fpn_tf.models.presets import resolve_model_config
 from fpn_tf.models.segment_head import (
     MergeSegmentProposals,
@@ -64,7 +59,7 @@ class SegmentProposer(Detector):
 
     def build_layers(self, cfg: ModelConfig) -> None:
         seg = cfg.segment
-        specs = fpn_output_specs(cfg.backbone, cfg.fpn)
+        specs = self.build_pyramid(cfg)
         names = list(specs)
         if seg.levels:
             missing = [k for k in seg.levels if not any(level_number(n) == k for n in names)]
@@ -73,11 +68,7 @@ class SegmentProposer(Detector):
             names = [n for n in names if level_number(n) in seg.levels]
         self.head_levels = names
         pyramid_channels({n: specs[n] for n in names})
-        self.normalizer = PixelNormalization(
-            cfg.input.pixel_mean, cfg.input.pixel_std, dtype="float32", name="pixel_normalization"
-        )
         with dtype_policy(compute_policy(cfg)):
-            self.pyramid = build_fpn_backbone(cfg.backbone, cfg.fpn, name="pyramid")
             self.head = SegmentProposalHead(
                 names,
                 seg.mlps,
@@ -95,7 +86,7 @@ class SegmentProposer(Detector):
             self.merge = MergeSegmentProposals(seg.proposals_per_image, dtype="float32", name="merge_scales")
 
     def _features(self, images, image_info, training=False) -> dict:
-        features = self.pyramid(self.normalizer(images, image_info), training=training)
+        features = self.pyramid_features(images, image_info, training=training)
         return {n: features[n] for n in self.head_levels}
 
     def forward(self, images, image_info, training=False, targets=None, step=None) -> dict:
@@ -178,9 +169,8 @@ def segment_losses(score_logits, mask_logits, sampled_labels, mask_targets, mask
 
 
 def paper_config() -> ModelConfig:
-    """Appendix A's model: ResNet-50, P2..P6 with d = 128 (§5.1), dual MLP, 14×14 masks."""
-    cfg = ModelConfig(type="segment_proposals")
-    return dataclasses.replace(cfg, fpn=dataclasses.replace(cfg.fpn, num_channels=128))
+    """Appendix A's model: ResNet-50, P2..P6, d = 128 (§5.1), dual MLP, 14×14 masks: the type's defaults."""
+    return ModelConfig(type="segment_proposals")
 
 
 def build_segment_proposer(
@@ -193,5 +183,5 @@ def build_segment_proposer(
       config: a full ModelConfig (``type: segment_proposals``); default: the paper's.
       **overrides: top-level ModelConfig fields, e.g. ``segment=SegmentProposalConfig(mlps=(5,))``.
     """
-    cfg = resolve_model_config("segment_proposals", None, backbone, config or paper_config(), None, overrides)
+    cfg = resolve_model_config("segment_proposals", None, backbone, config, None, overrides)
     return SegmentProposer(cfg)

@@ -165,16 +165,18 @@ def _find_resnet(model: keras.Model) -> keras.Model:
 
 def _check_supported(config) -> None:
     problems = []
-    if config.fpn.variant != "fpn":
-        problems.append(f"fpn.variant={config.fpn.variant!r} (torchvision builds 'fpn')")
+    if config.fpn.variant != "fpn" or config.neck.type != "fpn":
+        problems.append(
+            f"fpn.variant={config.fpn.variant!r}, neck.type={config.neck.type!r} (torchvision builds 'fpn')"
+        )
     if config.fpn.extra_block != "maxpool":
         problems.append(
             f"fpn.extra_block={config.fpn.extra_block!r} (torchvision's Faster R-CNN uses 'maxpool')"
         )
     if config.roi_head.head != "2fc" or config.roi_head.num_fc != 2:
         problems.append("roi_head must be '2fc' with num_fc=2 (torchvision's TwoMLPHead fc6, fc7)")
-    if config.rpn_only:
-        problems.append("rpn_only=True (the model has no RoI head for roi_heads.* keys)")
+    if config.type == "rpn":
+        problems.append("model.type 'rpn' (the RPN alone has no RoI head for roi_heads.* keys)")
     if problems:
         raise WeightImportError(
             "this model cannot take a torchvision Faster R-CNN state dict: " + "; ".join(problems)
