@@ -7,7 +7,7 @@
         -> RPNHead (every level) -> ProposalGenerator -> RoIPooler (P2..P5, eq. 1)
         -> box head (2fc) -> DetectionGenerator -> detections (original pixels)
 
-Shapes: B images, H/W padded input size, N proposals per image, R sampled RoIs per
+Shapes: B images, H/W padded input size, N proposals per image, S sampled RoIs per
 image, K classes including background, D detections per image.
 """
 
@@ -122,7 +122,7 @@ class FasterRCNN(Detector):
         """First stage, then (with targets: sampled RoIs ->) RoI pooling -> box head.
 
         Returns ``propose``'s dict plus "samples" (with targets), "class_logits"
-        [B, N or R, K] and "box_deltas" [B, N or R, K, 4] (R sampled RoIs per image).
+        [B, N or S, K] and "box_deltas" [B, N or S, K, 4] (S sampled RoIs per image).
         """
         raw = self.propose(images, image_info, training=targets is not None, with_anchors=targets is not None)
         rois = raw["proposals"]["boxes"]
