@@ -97,6 +97,67 @@ def test_auto_xla_is_off_on_cpu_and_says_why(caplog):
         absl_logging.set_verbosity(verbosity)
 
 
+def types_worker_main(out_dir: str) -> None:
+    """Trains every other detector type a few XLA steps; each step is one module (dumps: XLA_FLAGS)."""
+    import dataclasses
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from mask_shapes import add_masks
+    from test_training import dataset_fn_for, train_config
+    from tiny import draw_shape_images, tiny_model_config
+    from tiny_retinanet import tiny_retinanet_config
+
+    from fpn_tf.config import SegmentProposalConfig
+    from fpn_tf.models.build import build_model
+    from fpn_tf.training.trainer import Trainer
+
+    base = tiny_model_config(image_size=64)
+    masked = dataclasses.replace(base.input, mask_size=28)
+    configs = {
+        "rpn": dataclasses.replace(base, type="rpn"),
+        "mask_rcnn": dataclasses.replace(base, type="mask_rcnn", input=masked),
+        "retinanet": tiny_retinanet_config(image_size=64),
+        "segment_proposals": dataclasses.replace(
+            base, type="segment_proposals", input=masked, segment=SegmentProposalConfig(hidden_dim=16)
+        ),
+    }
+    assert sorted(configs) == sorted(set(TYPES_CHECKED)), "every type but faster_rcnn (counted above)"
+    examples = add_masks(draw_shape_images(2 * STEPS, size=64, seed=3))
+    for name in TYPES_CHECKED:
+        trainer = Trainer(
+            lambda cfg=configs[name]: build_model(cfg),
+            train_config(train_steps=STEPS, batch_size=2),
+            os.path.join(out_dir, f"model_{name}"),
+            xla=True,
+        )
+        result = trainer.fit(dataset_fn_for(examples, 2))
+        assert result.step == STEPS, (name, result)
+
+
+TYPES_CHECKED = ("rpn", "mask_rcnn", "retinanet", "segment_proposals")
+
+
+@pytest.mark.slow
+def test_every_detector_type_compiles_its_xla_step_once(tmp_path):
+    """The other types' XLA training steps: one module each over STEPS steps (faster_rcnn: below)."""
+    from fpn_tf.detector_types import DETECTOR_TYPES
+
+    assert set(TYPES_CHECKED) | {"faster_rcnn"} == set(DETECTOR_TYPES), "a new type needs its count here"
+    dump = str(tmp_path / "xla_dump")
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS=f"--xla_dump_to={dump}")
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), str(tmp_path), "types"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    counts = count_compilations(dump)
+    # One per type (a step value reaching XLA as a constant would give one per step).
+    assert counts.get("replica_gradients_fn") == len(TYPES_CHECKED), counts
+
+
 @pytest.mark.slow
 def test_each_jit_function_compiles_once(tmp_path):
     dump = str(tmp_path / "xla_dump")
@@ -129,4 +190,7 @@ def test_each_jit_function_compiles_once(tmp_path):
 
 
 if __name__ == "__main__":
-    worker_main(sys.argv[1])
+    if sys.argv[2:] == ["types"]:
+        types_worker_main(sys.argv[1])
+    else:
+        worker_main(sys.argv[1])
