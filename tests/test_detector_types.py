@@ -210,3 +210,11 @@ def test_rpn_type_is_scored_by_proposal_ar_only(tmp_path):
     assert "AR@100" in metrics and "AP" not in metrics and metrics["num_images"] == 2
     assert 0.0 <= metrics["AR@100"] <= 1.0
     assert np.isfinite(metrics["AR@1000"])
+
+
+def test_choice_lists_are_the_codes():
+    """The choices the config checks offer are the ones the code builds (one source, no drift)."""
+    from fpn_tf.models import resnet
+
+    assert tuple(resnet._ARCHITECTURES) == T.RESNETS
+    assert resnet._NORMS is T.BACKBONE_NORMS

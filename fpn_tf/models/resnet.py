@@ -36,6 +36,7 @@ import keras
 from keras import layers
 
 from fpn_tf.config import BackboneConfig
+from fpn_tf.detector_types import BACKBONE_NORMS
 from fpn_tf.layers.folded_conv import FoldableConv2D
 from fpn_tf.layers.frozen_batch_norm import FrozenBatchNorm
 
@@ -48,7 +49,7 @@ _ARCHITECTURES = {
     "resnet152": ("bottleneck", (3, 8, 36, 3)),
 }
 _EXPANSION = {"basic": 1, "bottleneck": 4}
-_NORMS = ("frozen_bn", "bn")
+_NORMS = BACKBONE_NORMS
 
 
 def _check_config(config: BackboneConfig) -> None:

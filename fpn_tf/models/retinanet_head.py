@@ -18,7 +18,7 @@ import math
 import keras
 import tensorflow as tf
 
-NORMS = ("none", "group_norm")
+from fpn_tf.detector_types import RETINANET_NORMS as NORMS
 GROUP_NORM_GROUPS = 32  # torchvision's partial(nn.GroupNorm, 32)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-BOX_LOSSES = ("smooth_l1", "l1")
+from fpn_tf.detector_types import BOX_LOSSES
 
 
 def box_regression_loss(pred: tf.Tensor, target: tf.Tensor, kind: str, beta: float) -> tf.Tensor:
