@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 
 from fpn_tf.detector_types import RETINANET_NORMS as NORMS
+
 GROUP_NORM_GROUPS = 32  # torchvision's partial(nn.GroupNorm, 32)
 
 
