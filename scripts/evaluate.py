@@ -24,7 +24,7 @@ flags.DEFINE_string("checkpoint", None, "A specific checkpoint prefix (default: 
 flags.DEFINE_string("saved_model", None, "Evaluate an exported SavedModel instead of a checkpoint.")
 flags.DEFINE_string("config", None, "Experiment YAML (default: <model_dir>/config.yaml).")
 flags.DEFINE_multi_string("override", [], "Config override key.path=value (repeatable).")
-flags.DEFINE_bool("proposals", None, "Also compute proposal AR (default: only for proposal models, model.type rpn).")
+flags.DEFINE_bool("proposals", None, "Also compute proposal AR (default: only for model.type rpn).")
 flags.DEFINE_integer("num_images", None, "Evaluate the first N images (default: eval.num_images; 0 = all).")
 flags.DEFINE_integer("batch_size", None, "Eval batch size (default: eval.batch_size).")
 flags.DEFINE_bool("xla", False, "XLA-compile inference.")
