@@ -35,7 +35,7 @@ class ImageRecord:
     """One image of a detection dataset.
 
     boxes: float32 ``[n, 4]`` (y1, x1, y2, x2) original pixels, clipped, area > 0.
-    labels: int32 ``[n]`` contiguous labels ``1..K``.
+    labels: int32 ``[n]`` contiguous labels ``1..K-1``.
     crowd_boxes: float32 ``[m, 4]`` crowd regions, same format (not training targets).
     segmentations: with masks, one checked ``segmentation`` per box (polygons or a
       compressed RLE dict, see ``masks.check_segmentation``); None without.

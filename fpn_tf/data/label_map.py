@@ -1,7 +1,7 @@
 """Dataset category ids <-> contiguous training labels.
 
-Label 0 is background; a dataset's K categories, sorted by category id, get the
-labels ``1 .. K`` (so ``num_classes = K + 1``). COCO's 80 categories have ids
+Label 0 is background; a dataset's K-1 categories, sorted by category id, get the
+labels ``1 .. K-1`` (so ``num_classes = K``). COCO's 80 categories have ids
 1..90 with gaps; they become labels 1..80. Exported detections map back with
 ``to_category_id``.
 """
@@ -16,12 +16,12 @@ import tensorflow as tf
 
 
 class LabelMap:
-    """Mapping between dataset category ids and contiguous labels ``1..K``.
+    """Mapping between dataset category ids and contiguous labels ``1..K-1``.
 
     Args:
-      category_ids: the K dataset category ids (distinct ints, any order; they are
+      category_ids: the K-1 dataset category ids (distinct ints, any order; they are
         sorted by id, which fixes the labels).
-      names: the K category names, in the same order as ``category_ids``.
+      names: the K-1 category names, in the same order as ``category_ids``.
     """
 
     def __init__(self, category_ids: Sequence[int], names: Sequence[str]):
@@ -39,7 +39,7 @@ class LabelMap:
 
     @property
     def num_classes(self) -> int:
-        """K + 1 (counts the background label 0)."""
+        """K (counts the background label 0)."""
         return len(self.category_ids) + 1
 
     def __len__(self) -> int:
@@ -89,7 +89,7 @@ class LabelMap:
         return np.asarray([self._label_of[int(c)] for c in flat], np.int32).reshape(arr.shape)
 
     def to_category_id(self, labels) -> np.ndarray:
-        """Contiguous labels ``1..K`` (int or array) -> dataset category ids int64."""
+        """Contiguous labels ``1..K-1`` (int or array) -> dataset category ids int64."""
         arr = np.asarray(labels)
         flat = arr.reshape(-1).tolist()
         for label in flat:
@@ -98,13 +98,13 @@ class LabelMap:
         return ids[np.asarray(flat, np.int64).reshape(arr.shape) - 1]
 
     def category_id_table(self) -> tf.Tensor:
-        """int64 ``[K + 1]``: entry ``label`` is its category id; entry 0 (background) is 0."""
+        """int64 ``[K]``: entry ``label`` is its category id; entry 0 (background) is 0."""
         return tf.constant([0, *self.category_ids], tf.int64)
 
     def to_category_id_tf(self, labels: tf.Tensor) -> tf.Tensor:
         """Graph version of ``to_category_id``: int labels (any shape) -> int64 ids.
 
-        Labels outside ``1..K`` (background 0, padding -1) map to 0. XLA-compatible.
+        Labels outside ``1..K-1`` (background 0, padding -1) map to 0. XLA-compatible.
         """
         labels = tf.cast(labels, tf.int32)
         valid = tf.logical_and(labels >= 1, labels <= len(self.category_ids))

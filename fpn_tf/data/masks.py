@@ -1,12 +1,13 @@
 """COCO instance segmentations -> fixed-size masks cropped to their ground-truth box.
 
-Shapes: n annotations of one image, M mask side, h/w the original image size.
+Shapes: n annotations of one image, Mg side of the GT mask crops (``input.mask_size``),
+h/w the original image size.
 
-A ground-truth mask reaches the batch as ``M x M`` samples of the instance inside
+A ground-truth mask reaches the batch as ``Mg x Mg`` samples of the instance inside
 its (clipped) box, never as a full-image mask: sample ``(i, j)`` is the value
 of the pycocotools full-resolution raster (the mask COCOeval scores) at the
-original-image point ``(y1 + (i + 0.5) * bh / M, x1 + (j + 0.5) * bw / M)``,
-the centres of an ``M x M`` grid over the box. Because it is relative to the
+original-image point ``(y1 + (i + 0.5) * bh / Mg, x1 + (j + 0.5) * bw / Mg)``,
+the centres of an ``Mg x Mg`` grid over the box. Because it is relative to the
 box, it is unchanged by the image resize and the padding, and the horizontal
 flip reverses its columns (``preprocess.flip_masks_left_right``).
 
@@ -132,7 +133,7 @@ def _polygons_in_box(polygons: list[list[float]], box, size: int) -> np.ndarray:
     for poly in polygons:
         p = np.asarray(poly, np.float64).copy()
         # frame pixel j tests frame point j; it must test original point
-        # x1 + (j + 0.5) * bw / M - 0.5 (pycocotools' half-pixel shift, see the module docstring)
+        # x1 + (j + 0.5) * bw / Mg - 0.5 (pycocotools' half-pixel shift, see the module docstring)
         p[0::2] = (p[0::2] - x1 + 0.5) * sx - 0.5
         p[1::2] = (p[1::2] - y1 + 0.5) * sy - 0.5
         moved.append(p.tolist())
@@ -155,7 +156,7 @@ def _rle_in_box(rle: dict, box, size: int) -> np.ndarray:
     ylo, yhi, fy = _bilinear_taps(_grid(y1, y2, size), h)
     xlo, xhi, fx = _bilinear_taps(_grid(x1, x2, size), w)
 
-    def tap(rows, cols):  # gathers [M, M] from the uint8 raster; no float copy of the full image
+    def tap(rows, cols):  # gathers [Mg, Mg] from the uint8 raster; no float copy of the full image
         return full[np.ix_(rows, cols)].astype(np.float32)
 
     top = tap(ylo, xlo) * (1 - fx) + tap(ylo, xhi) * fx
@@ -170,10 +171,10 @@ def crop_mask(seg, box, size: int) -> np.ndarray:
     Args:
       seg: a segmentation as returned by ``check_segmentation``.
       box: (y1, x1, y2, x2) original pixels.
-      size: M.
+      size: Mg.
 
     Returns:
-      uint8 ``[M, M]`` in {0, 1}.
+      uint8 ``[Mg, Mg]`` in {0, 1}.
     """
     if isinstance(seg, dict):
         return _rle_in_box(seg, box, size)
@@ -181,7 +182,7 @@ def crop_mask(seg, box, size: int) -> np.ndarray:
 
 
 def crop_masks(segmentations: list, boxes: np.ndarray, size: int) -> np.ndarray:
-    """``crop_mask`` for each of the n annotations of one image -> uint8 ``[n, M, M]``."""
+    """``crop_mask`` for each of the n annotations of one image -> uint8 ``[n, Mg, Mg]``."""
     out = np.zeros((len(segmentations), size, size), np.uint8)
     for k, (seg, box) in enumerate(zip(segmentations, np.asarray(boxes).reshape(-1, 4))):
         out[k] = crop_mask(seg, box, size)

@@ -5,7 +5,7 @@ One batch::
     images      float32 [B, H, W, 3]  RGB 0..255, resized picture top-left, zero padded
     image_info  float32 [B, 6]        (orig_h, orig_w, valid_h, valid_w, scale_y, scale_x)
     gt_boxes    float32 [B, G, 4]     (y1, x1, y2, x2) input pixels; padded rows 0
-    gt_classes  int32   [B, G]        labels 1..K; padded rows -1
+    gt_classes  int32   [B, G]        labels 1..K-1; padded rows -1
     gt_masks    uint8   [B, G, M, M]  only with input.mask_size M > 0: each GT mask
                                       sampled over its box (data/masks.py); padded rows 0
     image_id    int64   [B]
@@ -48,7 +48,7 @@ AUTOTUNE = tf.data.AUTOTUNE
 class DatasetInfo:
     """What the trainer / evaluator needs besides the batches.
 
-    label_map: dataset category ids <-> labels 1..K (``num_classes`` = K + 1).
+    label_map: dataset category ids <-> labels 1..K-1 (``num_classes`` = K).
     num_examples: images in the split before sharding (-1: unknown).
     annotation_path: the COCO JSON of the split, when there is one.
     padded_hw: the (H, W) sizes batches can have (one or two).

@@ -116,8 +116,8 @@ def _overlap_ok(box, boxes) -> bool:
 def render_image(
     rng: np.random.Generator, image_size: int, num_classes: int
 ) -> tuple[np.ndarray, list[dict]]:
-    """One image: uint8 ``[S, S, 3]`` and its objects ``{"class", "bbox" [x, y, w, h], "area",
-    "segmentation"}``.
+    """One image: uint8 ``[image_size, image_size, 3]`` and its objects ``{"class", "bbox" [x, y, w, h],
+    "area", "segmentation"}``.
 
     ``segmentation`` is the visible mask as a compressed RLE (see the module docstring).
     """

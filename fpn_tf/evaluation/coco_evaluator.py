@@ -21,7 +21,7 @@ input and give AP 0 (no crash).
 Model outputs are (y1, x1, y2, x2) boxes in original-image pixels with
 contiguous labels; ``detections_to_coco`` / ``proposals_to_coco`` turn them into
 COCO result dicts (``bbox`` = [x, y, w, h]) with dataset category ids. Masks
-come as box-relative probabilities ``[B, D, S, S]``; each is pasted into the
+come as box-relative probabilities ``[B, D, M, M]``; each is pasted into the
 original image (``mask_ops.paste_mask_numpy``, torchvision's rule), thresholded
 at 0.5 and encoded as RLE one at a time, so no ``[D, h, w]`` array is held.
 """
@@ -246,7 +246,7 @@ def mask_to_rle(mask: np.ndarray) -> dict:
 
 
 def pasted_mask_rle(mask: np.ndarray, box, image_hw, threshold: float = 0.5) -> dict:
-    """One box-relative probability mask ``[S, S]`` + its box (y1, x1, y2, x2 original
+    """One box-relative probability mask ``[M, M]`` + its box (y1, x1, y2, x2 original
     pixels) -> the RLE of ``paste_mask_numpy(...) > threshold`` at ``image_hw``."""
     return mask_to_rle(paste_mask_numpy(mask, box, image_hw) > threshold)
 
@@ -271,11 +271,11 @@ def detections_to_coco(
     Args:
         image_ids: [B] dataset image ids.
         boxes: [B, D, 4] (y1, x1, y2, x2) in original-image pixels.
-        scores: [B, D]; classes: [B, D] contiguous labels 1..K.
+        scores: [B, D]; classes: [B, D] contiguous labels 1..K-1.
         num_detections: [B] valid rows per image (the rest is padding).
         label_map: maps labels to dataset category ids (``to_category_id``);
             None keeps the labels as category ids.
-        masks: optional [B, D, S, S] box-relative mask probabilities; each
+        masks: optional [B, D, M, M] box-relative mask probabilities; each
             detection then also gets ``"segmentation"`` (RLE of the pasted mask
             > 0.5, see ``pasted_mask_rle``).
         image_hw: [B, 2] original (height, width) per image; needed with masks
@@ -316,7 +316,7 @@ def detections_to_coco(
 def _check_masks(masks, image_hw, batch_dets):
     masks = np.asarray(masks, np.float32)
     if masks.ndim != 4 or masks.shape[:2] != tuple(batch_dets) or masks.shape[2] != masks.shape[3]:
-        raise ValueError(f"masks must be [B, D, S, S] matching boxes {tuple(batch_dets)}, got {masks.shape}")
+        raise ValueError(f"masks must be [B, D, M, M] matching boxes {tuple(batch_dets)}, got {masks.shape}")
     if image_hw is None:
         raise ValueError("masks need image_hw: [B, 2] original (height, width) of each image")
     image_hw = np.asarray(image_hw).reshape(-1, 2).round().astype(np.int64)
@@ -328,7 +328,7 @@ def _check_masks(masks, image_hw, batch_dets):
 def proposals_to_coco(image_ids, boxes, scores, num_proposals, masks=None, image_hw=None) -> list[dict]:
     """Batched proposals ([B, N, 4] yxyx original pixels, [B, N], [B]) → COCO dicts (no category).
 
-    With ``masks`` [B, N, S, S] (box-relative probabilities over ``boxes``) and
+    With ``masks`` [B, N, M, M] (box-relative probabilities over ``boxes``) and
     ``image_hw`` [B, 2], each proposal also gets its pasted ``"segmentation"``
     (RLE), for ``evaluate_segment_ar``.
     """

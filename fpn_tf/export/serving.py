@@ -47,7 +47,7 @@ A model whose outputs hold ``proposal_masks`` (the segment proposer, paper §6)
 returns instead (N = ``segment.proposals_per_image``): ``proposal_boxes`` float32
 ``[B, N, 4]`` (the window each mask covers, original pixels, not clipped),
 ``proposal_boxes_normalized``, ``proposal_scores`` ``[B, N]`` (decreasing),
-``proposal_masks`` float32 ``[B, N, S, S]`` probabilities over the window, and
+``proposal_masks`` float32 ``[B, N, M, M]`` probabilities over the window, and
 ``num_proposals`` int32 ``[B]``.
 """
 
@@ -227,7 +227,7 @@ class DetectionModule(tf.Module):
     Args:
       model: a built ``FasterRCNN`` (``model.config`` a ModelConfig); the module
         tracks its variables (``model_variables``) and calls the model itself.
-      label_map: maps the model's labels 1..K to category ids; None = identity.
+      label_map: maps the model's labels 1..K-1 to category ids; None = identity.
       max_image_pixels: the largest height x width a request's image may have
         (checked on the declared size before decoding; fixed when exported).
       full_image_masks: a mask model also serves ``detection_masks_image``

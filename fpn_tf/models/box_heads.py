@@ -3,7 +3,7 @@
 The conv5 head of the C4 baseline (Table 3a) is ``fpn_tf.models.conv5_head``; both
 end in ``class_and_box_outputs`` (sibling class-score and class-specific box layers).
 
-Shapes: B images, N RoIs per image, P pooled side, C channels, F features per RoI,
+Shapes: B images, N RoIs per image, P pooled side, C channels, E features per RoI,
 K classes including background (label 0). Box deltas are (dy, dx, dh, dw).
 """
 
@@ -29,7 +29,7 @@ def class_and_box_outputs(class_layer, box_layer, features, batch, num_rois, num
     """Sibling class-score and class-specific box layers on per-RoI features.
 
     Args:
-      features: [B * N, F] RoI features.
+      features: [B * N, E] RoI features.
 
     Returns:
       (class_logits [batch, num_rois, K] float32, box_deltas [batch, num_rois, K, 4] float32).

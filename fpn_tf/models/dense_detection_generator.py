@@ -10,7 +10,7 @@ them, their anchors' boxes decoded and clipped to the valid image; then per-clas
 NMS over all levels together and the best D per image, in original-image pixels.
 Shapes stay static: the per-level top-k and the padded NMS have fixed sizes.
 
-Shapes: B images, h/w a level's map size, A anchors per location, C class channels
+Shapes: B images, h/w a level's map size, A anchors per location, Kc class channels
 per anchor, D detections per image. Boxes are (y1, x1, y2, x2) float32.
 """
 
@@ -77,8 +77,8 @@ class DenseDetectionGenerator(keras.layers.Layer):
       levels: the pyramid levels, finest first.
 
     Call args:
-      head_outputs: {"class_logits": {level: [B, h, w, A * C]}, "box_deltas":
-        {level: [B, h, w, A * 4]}} (``RetinaNetHead``); C = K-1, or K with
+      head_outputs: {"class_logits": {level: [B, h, w, A * Kc]}, "box_deltas":
+        {level: [B, h, w, A * 4]}} (``RetinaNetHead``); Kc = K-1, or K with
         ``background_channel`` (channel 0 then is ignored).
       image_info: [B, 6].
 
@@ -114,7 +114,7 @@ class DenseDetectionGenerator(keras.layers.Layer):
         cfg = self._cfg
         batch = tf.shape(logits)[0]
         channels = logits.shape[-1] // self.num_anchors
-        scores = tf.sigmoid(tf.reshape(logits, [batch, -1, channels]))  # [B, hwA, C]
+        scores = tf.sigmoid(tf.reshape(logits, [batch, -1, channels]))  # [B, hwA, Kc]
         first = 1 if cfg.background_channel else 0
         scores = scores[:, :, first:]
         per_anchor = channels - first

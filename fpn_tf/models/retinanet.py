@@ -25,8 +25,8 @@ from C5 (paper, Detectron2: ``fpn.extra_block: conv_c5``) or from P5
 or per image (torchvision); anchor sizes exact or truncated to integers.
 
 Shapes: B images, H/W padded input size, h/w a level's map size, A anchors per
-location, R anchors of all levels, G ground-truth boxes per image, K classes
-including background, C class channels per anchor, D detections per image.
+location, T anchors of all levels, G ground-truth boxes per image, K classes
+including background, Kc class channels per anchor, D detections per image.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ _match_boxes_xla = tf.function(matcher.match_boxes, jit_compile=True, reduce_ret
 
 
 def class_channels(cfg: ModelConfig) -> int:
-    """C, sigmoid class channels per anchor: K-1, or K with ``background_channel``."""
+    """Kc, sigmoid class channels per anchor: K-1, or K with ``background_channel``."""
     if cfg.num_classes < 2:
         raise ValueError(f"model.num_classes must count background and >= 1 class, got {cfg.num_classes}")
     return cfg.num_classes if cfg.retinanet.background_channel else cfg.num_classes - 1
@@ -71,7 +71,7 @@ def _check_config(cfg: ModelConfig) -> None:
 
 
 def flatten_levels(head_outputs: dict, levels: list[str], channels: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """Concatenated levels: class logits [B, R, C] and box deltas [B, R, 4]."""
+    """Concatenated levels: class logits [B, T, Kc] and box deltas [B, T, 4]."""
     logits, deltas = [], []
     for level in levels:
         c = head_outputs["class_logits"][level]
@@ -92,8 +92,8 @@ def retinanet_losses(
     """Focal loss on every non-ignored anchor, box loss on the positives (§4, §5).
 
     Args:
-      logits: [B, R, C] class logits (C = K-1, or K with a background channel);
-      deltas: [B, R, 4]; anchors: [R, 4] input pixels.
+      logits: [B, T, Kc] class logits (Kc = K-1, or K with a background channel);
+      deltas: [B, T, 4]; anchors: [T, 4] input pixels.
       gt_boxes: [B, G, 4] input pixels; gt_classes: [B, G] int32 labels, -1 padded.
 
     Returns:
@@ -108,9 +108,9 @@ def retinanet_losses(
         negative_threshold=cfg.negative_iou,
         allow_low_quality_matches=cfg.allow_low_quality_matches,
     )
-    positive = tf.cast(labels == matcher.POSITIVE, tf.float32)  # [B, R]
+    positive = tf.cast(labels == matcher.POSITIVE, tf.float32)  # [B, T]
     counted = tf.cast(labels != matcher.IGNORED, tf.float32)
-    anchor_class = tf.gather(gt_classes, matched, batch_dims=1)  # [B, R] label 1..K-1
+    anchor_class = tf.gather(gt_classes, matched, batch_dims=1)  # [B, T] label 1..K-1
     channels = logits.shape[-1]
     # Channel of label k: k with a background channel (torchvision), else k - 1.
     channel = anchor_class if cfg.background_channel else anchor_class - 1

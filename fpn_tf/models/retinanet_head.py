@@ -1,13 +1,13 @@
 """RetinaNet's dense head, shared by every pyramid level (Lin et al. 2017b, §4 "Focal Loss").
 
 Two towers of ``num_convs`` × (3×3 conv + ReLU), optionally with GroupNorm(32)
-before each ReLU (torchvision's v2 head), then a 3×3 conv to C class logits per
+before each ReLU (torchvision's v2 head), then a 3×3 conv to Kc class logits per
 anchor (bias ``-log((1 - π) / π)``, π = 0.01, so every anchor starts as
 background with probability 0.99) and a 3×3 conv to 4 box deltas per anchor
 (``(dy, dx, dh, dw)``). Conv kernels start N(0, 0.01), biases 0 (the paper's,
 torchvision's and Detectron2's init).
 
-Shapes: B images, h/w a level's map size, C channels in (``C_in``) or class
+Shapes: B images, h/w a level's map size, C channels in (``C_in``), Kc class
 channels per anchor (K-1, or K with ``background_channel``), A anchors per location.
 """
 
@@ -29,7 +29,7 @@ class RetinaNetHead(keras.layers.Layer):
 
     Args:
       num_anchors: A, anchors per location.
-      num_class_channels: C, sigmoid class channels per anchor.
+      num_class_channels: Kc, sigmoid class channels per anchor.
       conv_channels: channels of the tower convs.
       num_convs: tower depth (4 in the paper).
       norm: "none" or "group_norm".
@@ -39,8 +39,8 @@ class RetinaNetHead(keras.layers.Layer):
       features: {level: [B, h, w, C_in]}.
 
     Returns:
-      {"class_logits": {level: [B, h, w, A * C] float32},
-       "box_deltas": {level: [B, h, w, A * 4] float32}}; channel ``a * C + c`` is
+      {"class_logits": {level: [B, h, w, A * Kc] float32},
+       "box_deltas": {level: [B, h, w, A * 4] float32}}; channel ``a * Kc + c`` is
       anchor a's class c (anchors ordered as ``fpn_tf.ops.anchors``).
 
     Sub-layers are attributes ``class_conv{i}``, ``class_norm{i}``, ``box_conv{i}``,

@@ -7,7 +7,7 @@ valid image, drop tiny boxes, NMS 0.7 within each level, then the best per image
 (2000 in training, 1000 at test, §5.2). Per-image (not per-batch) post-NMS top-k:
 the per-batch variant cost Detectron v1 about 1 AP.
 
-Shapes: B images, h/w a level's map size, A anchors per location, R anchors of all
+Shapes: B images, h/w a level's map size, A anchors per location, T anchors of all
 levels, N proposals per image, G ground-truth boxes per image, C channels.
 Boxes are (y1, x1, y2, x2) float32 in input pixels (the resized, padded image).
 """

@@ -1,16 +1,16 @@
 """Layers of the FPN segmentation proposer (paper §6, Fig. 4, Appendix A).
 
 Shapes: B images, H/W input height/width, h/w a level's map, C channels (d),
-R locations per image over every (MLP, level) pair (``fpn_tf.ops.segment_labels``
+T locations per image over every (MLP, level) pair (``fpn_tf.ops.segment_labels``
 fixes their order), N selected locations per image (sampled in training, the
-top ``proposals_per_image`` at inference), S mask side.
+top ``proposals_per_image`` at inference), M mask side.
 
 - ``SegmentProposalHead``: the "MLPs": per window size k ∈ {5, 7} a k×k conv with
   ``hidden_dim`` outputs + ReLU, then sibling 1×1 convs, one object score and
-  ``S²`` mask logits, shared by every level. Scores are computed at all R
+  ``M²`` mask logits, shared by every level. Scores are computed at all T
   locations; the 1×1 mask conv only at the N selected ones (a 1×1 conv at a
   location is a matrix product of that location's hidden vector, so gathering
-  first gives the same logits as the dense conv, without R × S² values).
+  first gives the same logits as the dense conv, without T × M² values).
 - ``SegmentProposalOutputs``: windows -> original-image pixels, sigmoid scores
   and masks, padding rows zeroed, ``num_proposals``.
 - ``ResizeImages`` / ``MergeSegmentProposals``: the image-pyramid baseline
@@ -38,15 +38,15 @@ class SegmentProposalHead(keras.layers.Layer):
       levels: feature names the head runs on ("P2".."P6", or "C4" for a single map).
       mlps: window sizes, (5,), (7,) or (5, 7).
       hidden_dim: outputs of the k×k conv (512 in the paper).
-      mask_size: S (14 or 28).
+      mask_size: M (14 or 28).
       scales, padding: canonical scales of P2.. and the window padding (config).
       proposals_per_image: N at inference.
 
     Call: ``(features, image_info, indices=None)``; ``indices`` int32 [B, N] picks
     the locations whose masks are computed (training); None: the N best-scoring
     locations inside the image. Returns a dict of float32 tensors:
-    ``score_logits`` [B, R], ``indices`` [B, N] int32, ``valid`` [B, N] bool,
-    ``scores`` [B, N] (sigmoid), ``mask_logits`` [B, N, S, S], ``windows`` [B, N, 4]
+    ``score_logits`` [B, T], ``indices`` [B, N] int32, ``valid`` [B, N] bool,
+    ``scores`` [B, N] (sigmoid), ``mask_logits`` [B, N, M, M], ``windows`` [B, N, 4]
     (input pixels, the region each mask covers).
     """
 
@@ -109,11 +109,11 @@ class SegmentProposalHead(keras.layers.Layer):
             batch = tf.shape(x)[0]
             hidden.append(tf.reshape(x, [batch, -1, self.hidden_dim]))
             logits.append(tf.reshape(tf.cast(s, tf.float32), [batch, -1]))
-        hidden = tf.concat(hidden, axis=1)  # [B, R, hidden]
-        score_logits = tf.concat(logits, axis=1)  # [B, R]
+        hidden = tf.concat(hidden, axis=1)  # [B, T, hidden]
+        score_logits = tf.concat(logits, axis=1)  # [B, T]
         geo = self.geometry(features)
         valid_hw = tf.cast(image_info, tf.float32)[:, None, 2:4]
-        inside = tf.reduce_all(geo["centres"][None] < valid_hw, axis=-1)  # [B, R]
+        inside = tf.reduce_all(geo["centres"][None] < valid_hw, axis=-1)  # [B, T]
         if indices is None:
             # Static top-N: N extra -inf columns make top_k valid on any map size.
             n = self.proposals_per_image
@@ -130,7 +130,7 @@ class SegmentProposalHead(keras.layers.Layer):
         kernel_of_entry = tf.constant([self.mlps.index(e.kernel) for e in self.entries], tf.int32)
         which = tf.one_hot(tf.gather(kernel_of_entry, entry), len(self.mlps), dtype=tf.float32)
         per_mlp = tf.stack([tf.cast(getattr(self, f"mask{k}")(rows), tf.float32) for k in self.mlps], -1)
-        mask_logits = tf.reduce_sum(per_mlp * which[:, :, None, :], axis=-1)  # [B, N, S²]
+        mask_logits = tf.reduce_sum(per_mlp * which[:, :, None, :], axis=-1)  # [B, N, M²]
         shape = tf.shape(mask_logits)
         scores = tf.sigmoid(tf.gather(score_logits, indices, batch_dims=1))
         return {
@@ -162,7 +162,7 @@ class SegmentProposalOutputs(keras.layers.Layer):
 
     Call: ``(head_outputs, image_info)``. Returns ``proposal_boxes`` [B, N, 4] the
     window each mask covers (y1, x1, y2, x2, NOT clipped: the mask is relative to
-    the whole window), ``proposal_scores`` [B, N], ``proposal_masks`` [B, N, S, S]
+    the whole window), ``proposal_scores`` [B, N], ``proposal_masks`` [B, N, M, M]
     probabilities, ``num_proposals`` [B] int32; rows past ``num_proposals`` are 0.
     """
 

@@ -4,10 +4,10 @@
 
     images [B, H, W, 3], image_info [B, 6] -> PixelNormalization -> ResNet + FPN (P2..P6, d = 128)
         -> SegmentProposalHead (5×5 and 7×7 "MLPs" on every level: score everywhere,
-           S×S masks at the top N locations, no NMS) -> SegmentProposalOutputs
+           M×M masks at the top N locations, no NMS) -> SegmentProposalOutputs
 
 Outputs (original-image pixels): ``proposal_boxes`` [B, N, 4] the window each
-mask covers, ``proposal_scores`` [B, N], ``proposal_masks`` [B, N, S, S]
+mask covers, ``proposal_scores`` [B, N], ``proposal_masks`` [B, N, M, M]
 probabilities over that window (paste with ``mask_ops.paste_mask_numpy``),
 ``num_proposals`` [B].
 
@@ -24,8 +24,8 @@ step's batch is resized by one of the scales in turn (scale jitter), and
 objects farther than ``max_scale_distance`` octaves from the head's scale are
 negatives.
 
-Shapes: B images, H/W padded input size, G GT objects per image, M GT mask side,
-R locations per image, N selected locations per image, S mask side.
+Shapes: B images, H/W padded input size, G GT objects per image, Mg GT mask side,
+T locations per image, N selected locations per image, M mask side.
 """
 
 from __future__ import annotations
@@ -150,8 +150,8 @@ def segment_losses(score_logits, mask_logits, sampled_labels, mask_targets, mask
     """The two losses of Appendix A on N sampled locations per image.
 
     Args:
-      score_logits: [B, N]; mask_logits: [B, N, S, S]; sampled_labels: [B, N]
-        (1 positive, 0 negative, -1 unfilled slot); mask_targets: [B, N, S, S] in [0, 1].
+      score_logits: [B, N]; mask_logits: [B, N, M, M]; sampled_labels: [B, N]
+        (1 positive, 0 negative, -1 unfilled slot); mask_targets: [B, N, M, M] in [0, 1].
       mask_weight: the mask loss's weight (10: "10× higher weight than the score loss").
 
     Returns:

@@ -1,16 +1,16 @@
 """Mask R-CNN mask targets, mask loss and mask pasting (pure TF, static shapes).
 
 Shape legend: B batch, G ground-truth boxes per image, N RoIs per image, D
-detections per image, K classes incl. background, M side of the box-relative
-ground-truth masks (``input.mask_size``), S side of the mask head's output
+detections per image, K classes incl. background, Mg side of the box-relative
+ground-truth masks (``input.mask_size``), M side of the mask head's output
 (28), h/w output image height/width.
 
-Boxes are (y1, x1, y2, x2) float32 pixels. A *box-relative* mask of side M
-holds the instance at the centres of an M x M grid over its box
+Boxes are (y1, x1, y2, x2) float32 pixels. A *box-relative* mask of side Mg
+holds the instance at the centres of an Mg x Mg grid over its box
 (``fpn_tf/data/masks.py``); continuous pixel coordinates put pixel k's centre
 at k + 0.5.
 
-- ``mask_targets``: the GT mask seen through each RoI, at S x S bin centres,
+- ``mask_targets``: the GT mask seen through each RoI, at M x M bin centres,
   bilinear. torchvision and Detectron2 RoIAlign the *full-image* GT mask into
   the RoI; here the same points are mapped into the GT box's frame and read from
   the box-relative mask (zero outside the GT box), so nothing full-image is
@@ -20,8 +20,8 @@ at k + 0.5.
   (torchvision's ``maskrcnn_loss`` and Detectron2's ``mask_rcnn_loss``: BCE
   "mean" over the concatenated positives; 0 without positives).
 - ``paste_masks`` / ``paste_mask_numpy``: box-relative probabilities -> image
-  pixels exactly as torchvision's ``paste_masks_in_image`` (pad the S x S mask by
-  one zero pixel per side, scale the box by (S + 2) / S about its centre,
+  pixels exactly as torchvision's ``paste_masks_in_image`` (pad the M x M mask by
+  one zero pixel per side, scale the box by (M + 2) / M about its centre,
   truncate it to integers, bilinear-resize to ``(y2 - y1 + 1, x2 - x1 + 1)``
   with half-pixel centres and no antialiasing, paste clipped to the image).
 """
@@ -65,26 +65,26 @@ def mask_targets(
     """The matched GT mask of every RoI, resampled into the RoI's ``size x size`` frame.
 
     Args:
-      gt_masks: uint8 / float ``[B, G, M, M]`` box-relative GT masks (batch key ``gt_masks``).
+      gt_masks: uint8 / float ``[B, G, Mg, Mg]`` box-relative GT masks (batch key ``gt_masks``).
       gt_boxes: float32 ``[B, G, 4]`` the boxes those masks span (``gt_boxes``, input pixels).
       matched_gt_index: int ``[B, N]`` the GT row of each RoI (negatives: any value;
         out-of-range indices are clamped, weight such RoIs out of the loss).
       rois: float32 ``[B, N, 4]`` RoIs in the same pixels as ``gt_boxes``.
-      size: S.
+      size: M.
 
     Returns:
-      float32 ``[B, N, S, S]`` in [0, 1]: the GT mask bilinearly sampled at the
-      centres of the RoI's S x S bins (Detectron2's aligned RoIAlign with one
+      float32 ``[B, N, M, M]`` in [0, 1]: the GT mask bilinearly sampled at the
+      centres of the RoI's M x M bins (Detectron2's aligned RoIAlign with one
       sample per bin, of the full-image GT mask). Soft at the edges as in
       torchvision; threshold at 0.5 for Detectron2's binary targets.
     """
     gt_masks = tf.cast(gt_masks, tf.float32)
     side = gt_masks.shape[-1]
     if side is None:
-        raise ValueError("mask_targets: gt_masks needs a static mask side M")
+        raise ValueError("mask_targets: gt_masks needs a static mask side Mg")
     num_gt = tf.shape(gt_masks)[1]
     index = tf.clip_by_value(tf.cast(matched_gt_index, tf.int32), 0, num_gt - 1)
-    masks = tf.gather(gt_masks, index, batch_dims=1)  # [B, N, M, M]
+    masks = tf.gather(gt_masks, index, batch_dims=1)  # [B, N, Mg, Mg]
     boxes = tf.gather(tf.cast(gt_boxes, tf.float32), index, batch_dims=1)  # [B, N, 4]
     rois = tf.cast(rois, tf.float32)
     wy = _axis_weights(rois[..., 0], rois[..., 2], boxes[..., 0], boxes[..., 2], size, side)
@@ -105,9 +105,9 @@ def mask_loss(
     """Sigmoid cross-entropy of each RoI's GT-class mask, mean over positive RoIs' pixels.
 
     Args:
-      mask_logits: ``[B, N, S, S, K]`` (``channels_last``) or ``[B, N, K, S, S]``.
+      mask_logits: ``[B, N, M, M, K]`` (``channels_last``) or ``[B, N, K, M, M]``.
       classes: int ``[B, N]`` GT label of each RoI (values of unweighted RoIs are ignored).
-      targets: float32 ``[B, N, S, S]`` in [0, 1] (``mask_targets``).
+      targets: float32 ``[B, N, M, M]`` in [0, 1] (``mask_targets``).
       weights: float32 ``[B, N]``, 1 for positive RoIs, 0 otherwise.
 
     Returns:
@@ -130,7 +130,7 @@ def mask_loss(
 
 
 def _expanded_int_boxes(boxes, side: int, xp):
-    """torchvision's ``expand_boxes`` by (S + 2) / S, then truncation to integers (toward zero)."""
+    """torchvision's ``expand_boxes`` by (M + 2) / M, then truncation to integers (toward zero)."""
     scale = (side + 2.0) / side
     cy, cx = (boxes[..., 0] + boxes[..., 2]) * 0.5, (boxes[..., 1] + boxes[..., 3]) * 0.5
     hh, hw = (boxes[..., 2] - boxes[..., 0]) * 0.5 * scale, (boxes[..., 3] - boxes[..., 1]) * 0.5 * scale
@@ -157,7 +157,7 @@ def paste_masks(masks: tf.Tensor, boxes: tf.Tensor, out_hw: tuple[int, int]) -> 
     """Box-relative mask probabilities -> full-image probabilities (torchvision's ``paste_masks_in_image``).
 
     Args:
-      masks: float32 ``[B, D, S, S]`` probabilities in each box's frame.
+      masks: float32 ``[B, D, M, M]`` probabilities in each box's frame.
       boxes: float32 ``[B, D, 4]`` (y1, x1, y2, x2) in the output image's pixels.
       out_hw: (h, w), the output size: python ints (static: XLA-compilable) or
         int32 scalar tensors (serving, where the original size varies).
@@ -172,8 +172,8 @@ def paste_masks(masks: tf.Tensor, boxes: tf.Tensor, out_hw: tuple[int, int]) -> 
     padded = tf.pad(masks, [[0, 0], [0, 0], [1, 1], [1, 1]])
     ib = tf.cast(_expanded_int_boxes(tf.cast(boxes, tf.float32), side, tf), tf.int32)
     h, w = (v if tf.is_tensor(v) else int(v) for v in out_hw)
-    wy = _paste_weights(ib[..., 0], ib[..., 2], h, side)  # [B, D, h, S + 2]
-    wx = _paste_weights(ib[..., 1], ib[..., 3], w, side)  # [B, D, w, S + 2]
+    wy = _paste_weights(ib[..., 0], ib[..., 2], h, side)  # [B, D, h, M + 2]
+    wx = _paste_weights(ib[..., 1], ib[..., 3], w, side)  # [B, D, w, M + 2]
     return tf.einsum("bdym,bdmk,bdxk->bdyx", wy, padded, wx)
 
 
@@ -188,7 +188,7 @@ def _paste_axis_numpy(start: int, stop: int, side: int):
 
 
 def paste_mask_numpy(mask: np.ndarray, box, out_hw: tuple[int, int]) -> np.ndarray:
-    """``paste_masks`` of ONE mask ``[S, S]`` and box (y1, x1, y2, x2) -> float32 ``[h, w]``.
+    """``paste_masks`` of ONE mask ``[M, M]`` and box (y1, x1, y2, x2) -> float32 ``[h, w]``.
 
     Computes only the box's region (cheap per detection); evaluation pastes one
     detection at a time and encodes it to RLE straight away.
@@ -199,7 +199,7 @@ def paste_mask_numpy(mask: np.ndarray, box, out_hw: tuple[int, int]) -> np.ndarr
     y1, x1, y2, x2 = (int(v) for v in _expanded_int_boxes(np.asarray(box, np.float32), side, np))
     hy, y0i, y1i, fy = _paste_axis_numpy(y1, y2, side)
     wx, x0i, x1i, fx = _paste_axis_numpy(x1, x2, side)
-    rows = padded[y0i] * (1 - fy)[:, None] + padded[y1i] * fy[:, None]  # [hy, S + 2]
+    rows = padded[y0i] * (1 - fy)[:, None] + padded[y1i] * fy[:, None]  # [hy, M + 2]
     region = rows[:, x0i] * (1 - fx) + rows[:, x1i] * fx  # [hy, wx]
     h, w = int(out_hw[0]), int(out_hw[1])
     out = np.zeros((h, w), np.float32)

@@ -62,7 +62,7 @@ def _axis_taps(lo, hi, scale, size, output_size, sampling_ratio, aligned):
     b = tf.range(output_size, dtype=tf.float32)[:, None]
     i = tf.range(sampling_ratio, dtype=tf.float32)[None, :] + 0.5
     # Same operation order as torchvision: start + b * bin + (i + .5) * bin / sr.
-    pos = start[..., None, None] + b * bin_size + i * bin_size / float(sampling_ratio)  # [B, N, S, sr]
+    pos = start[..., None, None] + b * bin_size + i * bin_size / float(sampling_ratio)  # [B, N, P, sr]
 
     size = tf.cast(size, tf.int32)
     size = size[..., None, None] if size.shape.rank else size
@@ -76,7 +76,7 @@ def _axis_taps(lo, hi, scale, size, output_size, sampling_ratio, aligned):
     frac = pos - tf.cast(low, tf.float32)
     w_low = tf.where(inside, 1.0 - frac, 0.0)
     w_high = tf.where(inside, frac, 0.0)
-    index = tf.stack([low, high], axis=-1)  # [B, N, S, sr, 2]
+    index = tf.stack([low, high], axis=-1)  # [B, N, P, sr, 2]
     weight = tf.stack([w_low, w_high], axis=-1)
     shape = tf.concat([tf.shape(index)[:-2], [2 * sampling_ratio]], axis=0)
     return tf.reshape(index, shape), tf.reshape(weight, shape)
@@ -128,7 +128,7 @@ def _roi_align_flat(flat, boxes, scale, height, width, start, output_size, sampl
         height / width and the map's first row in ``flat``.
 
     Returns:
-      [B, N, S, S, C], dtype of ``flat``; computed in float32 (as torchvision under autocast).
+      [B, N, P, P, C], dtype of ``flat``; computed in float32 (as torchvision under autocast).
     """
     dtype = flat.dtype
     flat = tf.cast(flat, tf.float32)
@@ -178,7 +178,7 @@ def roi_align(
       aligned: half-pixel alignment (Detectron2's ROIAlignV2) when True.
 
     Returns:
-      [B, N, S, S, C], dtype of ``feature`` (computed in float32).
+      [B, N, P, P, C], dtype of ``feature`` (computed in float32).
     """
     _check_args(output_size, sampling_ratio)
     feature = tf.convert_to_tensor(feature)
@@ -220,7 +220,7 @@ def multilevel_roi_align(
       min_level, max_level, canonical_size, canonical_level: as in ``assign_levels``.
 
     Returns:
-      [B, N, S, S, C], dtype of the features (computed in float32).
+      [B, N, P, P, C], dtype of the features (computed in float32).
 
     Long by its docstring: the flattened multi-level gather is a few steps in sequence.
     """

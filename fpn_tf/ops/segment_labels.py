@@ -1,7 +1,7 @@
 """Label rules of the FPN segmentation proposals (paper Appendix A), pure TF.
 
-Shapes: B images, G ground-truth objects per image, M side of the box-relative
-GT masks, R locations per image over every (MLP, level) pair, h/w a level's map.
+Shapes: B images, G ground-truth objects per image, Mg side of the box-relative
+GT masks, T locations per image over every (MLP, level) pair, h/w a level's map.
 
 A *location* is one cell of one level's map seen by one MLP. Locations are
 ordered MLP-major, then level (finest first), then row-major cells: the head
@@ -13,9 +13,9 @@ ordered MLP-major, then level (finest first), then row-major cells: the head
 Rules (each pinned by tests/test_segment_proposals.py):
 
 - scale of an object = max(height, width) of its MASK. The batch holds each mask
-  sampled on an M × M grid over its GT box; the mask's own extent is read from
+  sampled on an Mg × Mg grid over its GT box; the mask's own extent is read from
   the rows / columns of that grid holding any pixel (exact to one grid step,
-  ``box / M``), so an occluded or loosely boxed object is measured by what is
+  ``box / Mg``), so an occluded or loosely boxed object is measured by what is
   visible. An object whose crop holds no pixel falls back to its box.
 - (level, MLP): the canonical scale nearest in log space; canonical scales are
   ``scales[k - 2]`` for the 5×5 MLP on P_k and ``√2`` times that for the 7×7 MLP
@@ -96,15 +96,15 @@ def assign_entries(object_scales: tf.Tensor, entries: list[Entry], max_distance:
 
 
 def location_geometry(sizes: list[tuple], entries: list[Entry]) -> dict[str, tf.Tensor]:
-    """Per location (``R = sum over entries of h * w``): where it is and what it predicts.
+    """Per location (``T = sum over entries of h * w``): where it is and what it predicts.
 
     Args:
       sizes: ``(h, w)`` (ints or scalar tensors) of each entry's level, in entry order.
 
     Returns:
-      ``centres`` float32 [R, 2] (y, x) pixels; ``windows`` float32 [R, 4] (y1, x1,
-      y2, x2) the mask's region; ``cells`` int32 [R, 2] (row, col); ``entry``
-      int32 [R]; ``stride`` float32 [R].
+      ``centres`` float32 [T, 2] (y, x) pixels; ``windows`` float32 [T, 4] (y1, x1,
+      y2, x2) the mask's region; ``cells`` int32 [T, 2] (row, col); ``entry``
+      int32 [T]; ``stride`` float32 [T].
     """
     parts = {k: [] for k in ("centres", "windows", "cells", "entry", "stride")}
     for index, (entry, (h, w)) in enumerate(zip(entries, sizes)):
@@ -122,16 +122,16 @@ def location_geometry(sizes: list[tuple], entries: list[Entry]) -> dict[str, tf.
 
 
 def mask_extent_boxes(gt_boxes: tf.Tensor, gt_masks: tf.Tensor) -> tf.Tensor:
-    """float32 ``[B, G, 4]``: the tight box of each box-relative mask ``[B, G, M, M]`` (pixels).
+    """float32 ``[B, G, 4]``: the tight box of each box-relative mask ``[B, G, Mg, Mg]`` (pixels).
 
-    Grid row ``i`` samples ``y1 + (i + 0.5) bh / M``, so rows ``first..last`` with
-    pixels span ``[y1 + first bh / M, y1 + (last + 1) bh / M]``. Empty masks keep their box.
+    Grid row ``i`` samples ``y1 + (i + 0.5) bh / Mg``, so rows ``first..last`` with
+    pixels span ``[y1 + first bh / Mg, y1 + (last + 1) bh / Mg]``. Empty masks keep their box.
     """
     boxes = tf.cast(gt_boxes, tf.float32)
     on = tf.cast(gt_masks, tf.float32) > 0.5
     side = gt_masks.shape[-1]
 
-    def span(any_on, lo, hi):  # any_on [B, G, M]
+    def span(any_on, lo, hi):  # any_on [B, G, Mg]
         first = tf.cast(tf.argmax(tf.cast(any_on, tf.int32), axis=-1), tf.float32)
         last = side - 1 - tf.cast(tf.argmax(tf.cast(any_on[..., ::-1], tf.int32), axis=-1), tf.float32)
         extent = hi - lo
@@ -162,8 +162,8 @@ def segment_labels(
       image_info: ``[B, 6]``; locations centred beyond ``valid_h / valid_w`` are ignored.
 
     Returns:
-      labels int32 ``[B, R]``: 1 positive, 0 negative, -1 ignored; matched int32
-      ``[B, R]``: the object of each positive (0 elsewhere).
+      labels int32 ``[B, T]``: 1 positive, 0 negative, -1 ignored; matched int32
+      ``[B, T]``: the object of each positive (0 elsewhere).
     """
     boxes = tf.cast(object_boxes, tf.float32)
     centre = (boxes[..., 0:2] + boxes[..., 2:4]) * 0.5  # [B, G, 2]
@@ -171,11 +171,11 @@ def segment_labels(
     assigned = assign_entries(scale, entries, max_distance)  # [B, G]
     assigned = tf.where(object_valid, assigned, -1)
 
-    stride = geometry["stride"][None, :, None]  # [1, R, 1]
-    # the cell holding each object's centre, on each location's level: [B, R, G, 2]
+    stride = geometry["stride"][None, :, None]  # [1, T, 1]
+    # the cell holding each object's centre, on each location's level: [B, T, G, 2]
     centre_cell = tf.floor(centre[:, None, :, :] / stride[..., None])
     cells = tf.cast(geometry["cells"], tf.float32)[None, :, None, :]
-    near = tf.reduce_all(tf.abs(cells - centre_cell) <= 1.0, axis=-1)  # [B, R, G]
+    near = tf.reduce_all(tf.abs(cells - centre_cell) <= 1.0, axis=-1)  # [B, T, G]
     same_entry = tf.equal(geometry["entry"][None, :, None], assigned[:, None, :])
     positive = near & same_entry
     distance = tf.reduce_sum(tf.square(geometry["centres"][None, :, None, :] - centre[:, None, :, :]), -1)
@@ -184,6 +184,6 @@ def segment_labels(
     is_pos = tf.reduce_any(positive, axis=-1)
 
     valid_hw = tf.cast(image_info, tf.float32)[:, None, 2:4]  # [B, 1, 2]
-    inside = tf.reduce_all(geometry["centres"][None] < valid_hw, axis=-1)  # [B, R]
+    inside = tf.reduce_all(geometry["centres"][None] < valid_hw, axis=-1)  # [B, T]
     labels = tf.where(is_pos, 1, tf.where(inside, 0, -1))
     return tf.cast(labels, tf.int32), tf.where(is_pos, matched, 0)
