@@ -205,7 +205,7 @@ def run_row(config: ExperimentConfig, row: Row, model_dir: str) -> dict:
     import keras
 
     from fpn_tf.evaluation.evaluate import evaluate
-    from fpn_tf.models.faster_rcnn import build_faster_rcnn
+    from fpn_tf.models.build import build_model
     from fpn_tf.training.experiment import train
 
     keras.backend.clear_session()
@@ -215,7 +215,7 @@ def run_row(config: ExperimentConfig, row: Row, model_dir: str) -> dict:
     start = time.perf_counter()
     metrics = evaluate(config, model_dir=model_dir, proposals=row.table == 1)
     eval_seconds = time.perf_counter() - start
-    params = build_faster_rcnn(config=config.model).trainable_weight_count()
+    params = build_model(config.model).trainable_weight_count()
     keras.backend.clear_session()
     hw = (config.model.input.min_size, config.model.input.max_size)
     return {

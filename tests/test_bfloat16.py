@@ -92,5 +92,5 @@ def test_compute_dtype_round_trips_and_rejects_unknown():
     clone = FasterRCNN.from_config(model.get_config())
     assert clone.config.compute_dtype == "mixed_bfloat16"
     assert clone.box_head.compute_dtype == "bfloat16"
-    with pytest.raises(ValueError, match="compute_dtype='float16'"):
+    with pytest.raises(ValueError, match="compute_dtype must be one of float32, mixed_bfloat16, got 'float1"):
         fpn_tf.build_faster_rcnn(config=tiny_model_config(compute_dtype="float16"))
