@@ -15,6 +15,7 @@ Conventions used across fpn_tf:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -383,6 +384,42 @@ def to_dict(config: Any) -> dict:
     return plain(dataclasses.asdict(config))
 
 
+def apply_overrides(values: dict, overrides: list[str] | tuple[str, ...] | None) -> dict:
+    """A copy of the nested config dict ``values`` with ``a.b=value`` overrides set.
+
+    Values are parsed as YAML scalars / lists (``train.batch_size=2``,
+    ``model.anchors.sizes=[16,32,64,128,256]``); missing sections are created
+    (``from_dict`` then names a key no config has).
+
+    Raises:
+      ConfigError: naming an override that is not ``key.path=value`` or that
+        descends into a value that is not a section.
+    """
+    values = copy.deepcopy(values)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        key, raw = item.split("=", 1)
+        node = values
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return values
+
+
+def with_overrides(
+    config: ExperimentConfig, overrides: list[str] | tuple[str, ...] | None
+) -> ExperimentConfig:
+    """``config`` with ``a.b=value`` overrides applied (``apply_overrides``), checked again."""
+    try:
+        return from_dict(ExperimentConfig, apply_overrides(to_dict(config), overrides))
+    except ConfigError as e:
+        raise ConfigError(f"override: {e}") from None
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Loads an ExperimentConfig from a YAML file plus ``a.b=value`` overrides.
 
@@ -401,17 +438,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         values = loaded
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.path=value")
-        key, raw = item.split("=", 1)
-        node = values
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+    values = apply_overrides(values, overrides)
     try:
         return from_dict(ExperimentConfig, values)
     except ConfigError as e:

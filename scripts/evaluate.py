@@ -36,12 +36,13 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not (FLAGS.model_dir or FLAGS.checkpoint or FLAGS.saved_model):
         raise app.UsageError("give --model_dir, --checkpoint or --saved_model")
-    from fpn_tf.evaluation.evaluate import evaluate, format_metrics, run_config
+    from fpn_tf import run_directory
+    from fpn_tf.evaluation.evaluate import evaluate, format_metrics
 
     model_dir = FLAGS.model_dir
     if not model_dir and FLAGS.checkpoint:
         model_dir = os.path.dirname(os.path.abspath(FLAGS.checkpoint))  # its config.yaml, eval logs
-    config = run_config(model_dir, FLAGS.config, FLAGS.override)
+    config = run_directory.read_config(model_dir, FLAGS.config, FLAGS.override, required=True)
     metrics = evaluate(
         config,
         model_dir=model_dir,

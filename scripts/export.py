@@ -55,17 +55,18 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import dataclasses
 
+    from fpn_tf import run_directory
     from fpn_tf.export import saved_model
     from fpn_tf.export.precision import resolve_serving_dtype
 
     start = time.perf_counter()
-    config = saved_model.experiment_config(FLAGS.model_dir, FLAGS.config, FLAGS.override)
+    config = run_directory.read_config(FLAGS.model_dir, FLAGS.config, FLAGS.override)
     # float32 variables either way: the checkpoint restores into a bfloat16-compute model.
     compute_dtype, reason = resolve_serving_dtype(FLAGS.compute_dtype)
     config.model = dataclasses.replace(config.model, compute_dtype=compute_dtype)
     logging.info("serving compute dtype %s (%s)", compute_dtype, reason)
     model = saved_model.restore_model(config.model, FLAGS.model_dir)
-    label_map = saved_model.default_label_map(FLAGS.model_dir, FLAGS.label_map)
+    label_map = run_directory.read_label_map(FLAGS.model_dir, FLAGS.label_map)
     if FLAGS.model_dir is None:
         logging.warning("no --model_dir: exporting a freshly initialised model (random weights)")
     if label_map is None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 
 from absl import app, flags, logging
@@ -54,27 +53,13 @@ flags.DEFINE_integer("version", None, "With --export: version number; default on
 flags.mark_flags_as_required(["weights", "model_dir"])
 
 
-def experiment_config(model_config, overrides):
-    """ExperimentConfig with ``model_config`` as its model, then ``a.b=value`` overrides."""
-    import yaml
-
-    from fpn_tf.config import ExperimentConfig, load_config, to_dict
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "config.yaml")
-        with open(path, "w", encoding="utf-8") as f:
-            yaml.safe_dump(to_dict(ExperimentConfig(model=model_config)), f, sort_keys=False)
-        return load_config(path, overrides)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import tensorflow as tf
-    import yaml
 
-    from fpn_tf.config import ConfigError, to_dict
-    from fpn_tf.data.label_map import LabelMap
+    from fpn_tf import run_directory
+    from fpn_tf.config import ConfigError, ExperimentConfig, with_overrides
     from fpn_tf.models import weights_torchvision_retinanet as retinanet_weights
     from fpn_tf.models.build import build_model
     from fpn_tf.models.presets import torchvision_coco_label_map
@@ -103,7 +88,7 @@ def main(argv):
             load = retinanet_weights.load_torchvision_retinanet_state_dict
         else:
             infer, load = infer_torchvision_config, load_torchvision_state_dict
-        config = experiment_config(infer(state), FLAGS.override)
+        config = with_overrides(ExperimentConfig(model=infer(state)), FLAGS.override)
         model = build_model(config.model)
         result = load(model, state)
     except (WeightImportError, ConfigError, FileNotFoundError, ValueError) as e:
@@ -111,8 +96,11 @@ def main(argv):
         return 2
     label_map = None
     if FLAGS.label_map:
-        with open(FLAGS.label_map, encoding="utf-8") as f:
-            label_map = LabelMap.from_json(f.read())
+        try:
+            label_map = run_directory.read_label_map(None, FLAGS.label_map)
+        except (OSError, ValueError) as e:
+            logging.error("--label_map %s", e)
+            return 2
         if label_map.num_classes != config.model.num_classes:
             logging.error(
                 "%s has %d categories; the checkpoint has %d classes (with background)",
@@ -131,11 +119,9 @@ def main(argv):
     os.makedirs(FLAGS.model_dir, exist_ok=True)
     manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), FLAGS.model_dir, max_to_keep=1)
     checkpoint = manager.save()
-    with open(os.path.join(FLAGS.model_dir, "config.yaml"), "w", encoding="utf-8") as f:
-        yaml.safe_dump(to_dict(config), f, sort_keys=False)
+    run_directory.write_config(config, FLAGS.model_dir)
     if label_map is not None:
-        with open(os.path.join(FLAGS.model_dir, "label_map.json"), "w", encoding="utf-8") as f:
-            f.write(label_map.to_json())
+        run_directory.write_label_map(label_map, FLAGS.model_dir)
     backbone = config.model.backbone
     print(
         f"imported {len(result.loaded)} tensors from {FLAGS.weights} ({config.model.type}, {backbone.name} "

@@ -99,12 +99,13 @@ def load_detector(flag_values):
 
         return detect, label_map
 
+    from fpn_tf import run_directory
     from fpn_tf.export.serving import DetectionModule
 
-    config = saved_model.experiment_config(flag_values.model_dir, flag_values.config, flag_values.override)
+    config = run_directory.read_config(flag_values.model_dir, flag_values.config, flag_values.override)
     model = saved_model.restore_model(config.model, flag_values.model_dir)
     module = DetectionModule(
-        model, saved_model.default_label_map(flag_values.model_dir, flag_values.label_map)
+        model, run_directory.read_label_map(flag_values.model_dir, flag_values.label_map)
     )
 
     def detect(encoded: bytes) -> dict:

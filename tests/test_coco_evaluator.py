@@ -241,7 +241,7 @@ def test_box_relative_masks_round_trip_through_detections_to_coco():
     assert metrics["AP50"] == pytest.approx(1.0) and metrics["AP"] > 0.8
     with pytest.raises(ValueError, match="image_hw"):
         ce.detections_to_coco(ids, boxes, np.ones(classes.shape), classes, num, masks=masks)
-    with pytest.raises(ValueError, match=r"\[B, D, S, S\]"):
+    with pytest.raises(ValueError, match=r"\[B, D, M, M\]"):
         ce.detections_to_coco(
             ids, boxes, np.ones(classes.shape), classes, num, masks=masks[:, :1], image_hw=[[1, 1]] * 3
         )

@@ -438,9 +438,10 @@ def test_predict_script_writes_rle_masks_and_overlays(tmp_path):
 @pytest.mark.slow
 def test_train_then_evaluate_mask_rcnn_reports_segm_ap(tmp_path):
     """train() on synthetic shapes with masks (the real pipeline), then evaluate() and the SavedModel."""
+    from fpn_tf import run_directory
     from fpn_tf.config import DataConfig, EvalConfig, ExperimentConfig, TrainConfig
     from fpn_tf.data.label_map import LabelMap
-    from fpn_tf.evaluation.evaluate import evaluate, restore_model, run_config
+    from fpn_tf.evaluation.evaluate import evaluate, restore_model
     from fpn_tf.export.saved_model import export_saved_model
     from fpn_tf.training.experiment import train
 
@@ -458,7 +459,7 @@ def test_train_then_evaluate_mask_rcnn_reports_segm_ap(tmp_path):
     model_dir = str(tmp_path / "run")
     result = train(config, model_dir, xla=False)
     assert "mask_loss" in result.losses and np.isfinite(result.losses["mask_loss"])
-    metrics = evaluate(run_config(model_dir), model_dir=model_dir)
+    metrics = evaluate(run_directory.read_config(model_dir, required=True), model_dir=model_dir)
     for key in ("AP", "AP50", "segm_AP", "segm_AP50", "segm_AP75", "segm_APs", "segm_APm", "segm_APl"):
         assert -1.0 <= metrics[key] <= 1.0, key
     label_map = LabelMap.from_json(open(os.path.join(model_dir, "label_map.json"), encoding="utf-8").read())

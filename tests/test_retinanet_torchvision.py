@@ -254,7 +254,8 @@ def test_parity_with_torchvision_through_a_saved_model(tmp_path):
 
 @pytest.mark.slow
 def test_import_script_recognises_a_retinanet(tmp_path):
-    from fpn_tf.export.saved_model import experiment_config, restore_model
+    from fpn_tf.export.saved_model import restore_model
+    from fpn_tf.run_directory import read_config
 
     source = _tiny(0, "group_norm")
     np.savez(tmp_path / "tiny.npz", **torchvision_retinanet_state_dict(source))
@@ -266,7 +267,7 @@ def test_import_script_recognises_a_retinanet(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(retinanet, resnet18 x0.25, 5 classes)" in done.stdout
-    config = experiment_config(str(model_dir), None)
+    config = read_config(str(model_dir))
     assert (config.model.type, config.model.retinanet.norm) == ("retinanet", "group_norm")
     restored = restore_model(config.model, str(model_dir))
     for a, b in zip(source.weights, restored.weights, strict=True):

@@ -476,7 +476,8 @@ def test_saved_model_in_a_fresh_process_matches(parity):
 @pytest.mark.slow
 def test_import_script_writes_a_training_directory(tiny_pair, tmp_path):
     from fpn_tf.data.label_map import LabelMap
-    from fpn_tf.export.saved_model import experiment_config, read_label_map, restore_model
+    from fpn_tf.export.saved_model import read_label_map, restore_model
+    from fpn_tf.run_directory import read_config
 
     source, _ = tiny_pair
     weights = tmp_path / "tiny.npz"
@@ -503,7 +504,7 @@ def test_import_script_writes_a_training_directory(tiny_pair, tmp_path):
         and "resnet18 x0.25, 5 classes" in done.stdout
     )
 
-    config = experiment_config(str(model_dir), None)
+    config = read_config(str(model_dir))
     assert (config.model.backbone.width_multiplier, config.model.fpn.num_channels) == (0.25, 32)
     assert (config.model.roi_head.fc_dim, config.model.roi_head.score_threshold) == (64, 0.3)
     restored = restore_model(config.model, str(model_dir))

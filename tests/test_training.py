@@ -18,10 +18,11 @@ import pytest
 import tensorflow as tf
 from tiny import tiny_model_config
 
+from fpn_tf import run_directory
 from fpn_tf.checkpoints import load_init_checkpoint
 from fpn_tf.config import DataConfig, EvalConfig, ExperimentConfig, TrainConfig, load_config
 from fpn_tf.data.label_map import LabelMap
-from fpn_tf.evaluation.evaluate import evaluate, restore_model, run_config
+from fpn_tf.evaluation.evaluate import evaluate, restore_model
 from fpn_tf.export.saved_model import export_saved_model
 from fpn_tf.models.faster_rcnn import LOSS_KEYS, build_faster_rcnn
 from fpn_tf.models.weights_torchvision import torchvision_state_dict
@@ -510,7 +511,9 @@ def test_train_then_evaluate_faster_rcnn(tmp_path):
         "train",
     ]
     assert load_config(os.path.join(model_dir, "config.yaml")) == config
-    metrics = evaluate(run_config(model_dir), model_dir=model_dir, proposals=True)
+    metrics = evaluate(
+        run_directory.read_config(model_dir, required=True), model_dir=model_dir, proposals=True
+    )
     for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR@100", "AR@1000"):
         assert -1.0 <= metrics[key] <= 1.0, key
     assert metrics["num_images"] == 4

@@ -137,45 +137,35 @@ def types_worker_main(out_dir: str) -> None:
 TYPES_CHECKED = ("rpn", "mask_rcnn", "retinanet", "segment_proposals")
 
 
+def _compilations(tmp_path, *worker_args: str) -> dict[str, int]:
+    """Runs this file's worker in a subprocess with an XLA dump; its ``count_compilations``."""
+    dump = str(tmp_path / "xla_dump")
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS=f"--xla_dump_to={dump}")
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), str(tmp_path), *worker_args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return count_compilations(dump)
+
+
 @pytest.mark.slow
 def test_every_detector_type_compiles_its_xla_step_once(tmp_path):
     """The other types' XLA training steps: one module each over STEPS steps (faster_rcnn: below)."""
     from fpn_tf.detector_types import DETECTOR_TYPES
 
     assert set(TYPES_CHECKED) | {"faster_rcnn"} == set(DETECTOR_TYPES), "a new type needs its count here"
-    dump = str(tmp_path / "xla_dump")
-    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS=f"--xla_dump_to={dump}")
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), str(tmp_path), "types"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    counts = count_compilations(dump)
+    counts = _compilations(tmp_path, "types")
     # One per type (a step value reaching XLA as a constant would give one per step).
     assert counts.get("replica_gradients_fn") == len(TYPES_CHECKED), counts
 
 
 @pytest.mark.slow
 def test_each_jit_function_compiles_once(tmp_path):
-    dump = str(tmp_path / "xla_dump")
-    env = dict(
-        os.environ,
-        PYTHONPATH=REPO,
-        TF_CPP_MIN_LOG_LEVEL="2",
-        XLA_FLAGS=f"--xla_dump_to={dump}",
-    )
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    counts = count_compilations(dump)
+    counts = _compilations(tmp_path)
     assert counts == {
         # xla=True: the whole per-replica step is one module, compiled once for STEPS steps.
         "replica_gradients_fn": 1,

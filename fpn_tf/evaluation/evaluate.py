@@ -26,7 +26,7 @@ from absl import logging
 
 from fpn_tf import checkpoints
 from fpn_tf.checkpoints import checkpoint_prefix
-from fpn_tf.config import ExperimentConfig, load_config
+from fpn_tf.config import ExperimentConfig
 from fpn_tf.data.pipeline import build_dataset
 from fpn_tf.detector_types import detector_type
 from fpn_tf.evaluation.coco_evaluator import (
@@ -42,15 +42,6 @@ from fpn_tf.summaries import write_scalars
 PRINTED_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR@10")
 # Mask models also report mask AP under these names (segm_AP, segm_AP50, ...).
 SEGM_PREFIX = "segm_"
-
-
-def run_config(model_dir: str | None, config_path: str | None = None, overrides=None) -> ExperimentConfig:
-    """``config_path``, else ``model_dir/config.yaml`` (written by training), plus overrides."""
-    if not config_path and model_dir and os.path.isfile(os.path.join(model_dir, "config.yaml")):
-        config_path = os.path.join(model_dir, "config.yaml")
-    if not config_path:
-        raise ValueError(f"no --config given and {model_dir}/config.yaml does not exist")
-    return load_config(config_path, list(overrides or []))
 
 
 def resolve_checkpoint(model_dir: str | None, checkpoint: str | None) -> str:

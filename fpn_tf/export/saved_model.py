@@ -30,7 +30,7 @@ import tempfile
 import tensorflow as tf
 
 from fpn_tf.checkpoints import restore_model  # noqa: F401  (re-exported for the scripts)
-from fpn_tf.config import ExperimentConfig, ModelConfig, from_dict, load_config, to_dict
+from fpn_tf.config import ModelConfig, from_dict, to_dict
 from fpn_tf.data.label_map import LabelMap
 from fpn_tf.export.precision import PRECISION_ASSET, cpu_info
 from fpn_tf.export.serving import DEFAULT_MAX_IMAGE_PIXELS, FULL_IMAGE_MAX_PIXELS, DetectionModule
@@ -221,22 +221,3 @@ def load_exported(path: str):
     path = resolve_version_dir(path)
     loaded = tf.saved_model.load(path)
     return loaded, read_label_map(path)
-
-
-# ----------------------------------------------------------- models from training runs
-def experiment_config(model_dir: str | None, config_path: str | None, overrides=None) -> ExperimentConfig:
-    """The run's config: ``config_path``, else ``model_dir/config.yaml`` (the trainer
-    writes it), else the defaults; then ``a.b=value`` overrides."""
-    if not config_path and model_dir and os.path.isfile(os.path.join(model_dir, "config.yaml")):
-        config_path = os.path.join(model_dir, "config.yaml")
-    return load_config(config_path or None, list(overrides or []))
-
-
-def default_label_map(model_dir: str | None, label_map_path: str | None) -> LabelMap | None:
-    """``label_map_path``, else ``model_dir/label_map.json`` if present, else None."""
-    if not label_map_path and model_dir and os.path.isfile(os.path.join(model_dir, LABEL_MAP_ASSET)):
-        label_map_path = os.path.join(model_dir, LABEL_MAP_ASSET)
-    if not label_map_path:
-        return None
-    with open(label_map_path, encoding="utf-8") as f:
-        return LabelMap.from_json(f.read())

@@ -38,6 +38,7 @@ image, M mask side. image_info [B, 6] is (orig_h, orig_w, valid_h, valid_w, scal
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import keras
 import tensorflow as tf
@@ -93,6 +94,21 @@ def image_seeds(batch: dict, step, stage: int = 0) -> tf.Tensor:
         ids = tf.range(batch_size, dtype=tf.int32)
     step = tf.cast(0 if step is None else step, tf.int32)
     return tf.stack([ids, tf.fill([batch_size], step * 2 + stage)], axis=1)
+
+
+def with_generator_settings(section, generator):
+    """``section`` (a config dataclass) with ``generator``'s score threshold, NMS IoU and detections
+    per image.
+
+    The detection generators' settings may be changed after building; ``served_config``
+    records the values a model runs with.
+    """
+    return dataclasses.replace(
+        section,
+        score_threshold=float(generator.score_threshold),
+        nms_iou=float(generator.nms_iou),
+        detections_per_image=int(generator.detections_per_image),
+    )
 
 
 def pyramid_channels(specs: dict[str, tuple[int, int]]) -> int:

@@ -24,7 +24,14 @@ from fpn_tf.models import fast_rcnn
 from fpn_tf.models import rpn as rpn_lib
 from fpn_tf.models.box_heads import build_box_head
 from fpn_tf.models.detection_generator import DetectionGenerator, ToOriginalPixels
-from fpn_tf.models.detector import Detector, compute_policy, dtype_policy, image_seeds, pyramid_channels
+from fpn_tf.models.detector import (
+    Detector,
+    compute_policy,
+    dtype_policy,
+    image_seeds,
+    pyramid_channels,
+    with_generator_settings,
+)
 from fpn_tf.models.presets import resolve_model_config
 from fpn_tf.models.roi_pooler import roi_pooler_from_config
 from fpn_tf.ops import anchors as anchor_ops
@@ -185,13 +192,7 @@ class FasterRCNN(Detector):
 
     def served_config(self) -> ModelConfig:
         """``config`` with the detection generator's settings as they are now (they may be changed)."""
-        gen = self.detection_generator
-        roi_head = dataclasses.replace(
-            self.config.roi_head,
-            score_threshold=float(gen.score_threshold),
-            nms_iou=float(gen.nms_iou),
-            detections_per_image=int(gen.detections_per_image),
-        )
+        roi_head = with_generator_settings(self.config.roi_head, self.detection_generator)
         return dataclasses.replace(self.config, roi_head=roi_head)
 
 

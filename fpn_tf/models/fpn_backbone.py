@@ -28,8 +28,6 @@ from fpn_tf.levels import backbone_levels, level_number, pyramid_level_names
 from fpn_tf.models.resnet import build_resnet, resnet_output_specs
 from fpn_tf.neck_configs import NeckConfig
 
-VARIANTS = FPN_VARIANTS  # the paper's Table 1 rows (module docstring)
-
 
 def _check_fpn_config(fpn: FPNConfig) -> None:
     if fpn.variant not in FPN_VARIANTS:

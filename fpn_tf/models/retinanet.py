@@ -39,7 +39,13 @@ import tensorflow as tf
 from fpn_tf.config import ModelConfig, RetinaNetConfig, to_dict
 from fpn_tf.detector_types import BOX_LOSSES, LOSS_NORMALIZATIONS
 from fpn_tf.models.dense_detection_generator import DenseDetectionGenerator
-from fpn_tf.models.detector import Detector, compute_policy, dtype_policy, pyramid_channels
+from fpn_tf.models.detector import (
+    Detector,
+    compute_policy,
+    dtype_policy,
+    pyramid_channels,
+    with_generator_settings,
+)
 from fpn_tf.models.presets import resolve_model_config
 from fpn_tf.models.retinanet_head import RetinaNetHead
 from fpn_tf.ops import box_coder, losses, matcher
@@ -195,14 +201,8 @@ class RetinaNet(Detector):
 
     def served_config(self) -> ModelConfig:
         """``config`` with the inference settings the detection generator runs with now."""
-        gen = self.detection_generator
-        r = dataclasses.replace(
-            self.config.retinanet,
-            score_threshold=float(gen.score_threshold),
-            nms_iou=float(gen.nms_iou),
-            detections_per_image=int(gen.detections_per_image),
-        )
-        return dataclasses.replace(self.config, retinanet=r)
+        retinanet = with_generator_settings(self.config.retinanet, self.detection_generator)
+        return dataclasses.replace(self.config, retinanet=retinanet)
 
 
 def build_retinanet(

@@ -9,15 +9,14 @@ evaluation every ``train.eval_every`` steps keeping the best checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 
 import keras
 import tensorflow as tf
-import yaml
 from absl import logging
 
-from fpn_tf.config import ConfigError, ExperimentConfig, load_config, to_dict
+from fpn_tf import run_directory
+from fpn_tf.config import ConfigError, ExperimentConfig, to_dict
 from fpn_tf.data.pipeline import build_dataset
 from fpn_tf.models.build import build_model
 from fpn_tf.training import distribute
@@ -56,13 +55,9 @@ def check_rerun_config(config: ExperimentConfig, model_dir: str, allow_change: b
     Raises ConfigError naming them when one is outside RERUN_FREE_KEYS and
     ``allow_change`` is off. Writes nothing.
     """
-    path = os.path.join(model_dir, "config.yaml")
-    if not os.path.exists(path):
+    stored = run_directory.stored_config(model_dir)
+    if stored is None:
         return []
-    try:
-        stored = to_dict(load_config(path))
-    except (ConfigError, OSError) as e:
-        raise ConfigError(f"{path}: the training directory's config cannot be read: {e}") from None
     changed = config_differences(stored, to_dict(config))
     guarded = [k for k in changed if not k.startswith(RERUN_FREE_KEYS)]
     if guarded and not allow_change:
@@ -74,15 +69,6 @@ def check_rerun_config(config: ExperimentConfig, model_dir: str, allow_change: b
     if changed:
         logging.warning("resuming %s with config changes: %s", model_dir, ", ".join(changed))
     return changed
-
-
-def write_config(config: ExperimentConfig, model_dir: str) -> None:
-    """``model_dir/config.yaml``, written to a temporary file and renamed into place."""
-    path = os.path.join(model_dir, "config.yaml")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(to_dict(config), f, sort_keys=False)
-    os.replace(tmp, path)
 
 
 def default_model_fn(config: ExperimentConfig) -> Callable[[], keras.Model]:
@@ -127,8 +113,7 @@ def train_dataset_fn(config: ExperimentConfig, model_dir: str | None = None, chi
                 "(the categories + background)"
             )
         if chief and model_dir:
-            with open(os.path.join(model_dir, "label_map.json"), "w", encoding="utf-8") as f:
-                f.write(info.label_map.to_json())
+            run_directory.write_label_map(info.label_map, model_dir)
         return dataset
 
     return dataset_fn
@@ -209,7 +194,7 @@ def train(
         ) from None
     # Only now, with the checkpoint known to fit, the directory's record is (re)written.
     if trainer.is_chief:
-        write_config(config, model_dir)
+        run_directory.write_config(config, model_dir)
     hooks = trainer.default_hooks()
     eval_hook = evaluation_hook(config, model_dir)
     if eval_hook is not None:
