@@ -66,6 +66,13 @@ def detection_output_spec(batch, max_detections: int) -> dict:
 class ToOriginalPixels(keras.layers.Layer):
     """Layer form of ``to_original_pixels``: boxes [B, N, 4], image_info [B, 6] -> [B, N, 4]."""
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # Stateless, and not always in the functional graph (Faster R-CNN calls it for
+        # proposals only): built from the start, or Keras' fit under a strategy, which
+        # builds "unbuilt" models symbolically, would call the model on a training batch.
+        self.built = True
+
     def call(self, boxes, image_info):
         return to_original_pixels(boxes, image_info)
 

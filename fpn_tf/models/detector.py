@@ -48,6 +48,7 @@ from fpn_tf.config import ModelConfig, from_dict, to_dict
 from fpn_tf.detector_types import COMPUTE_DTYPES
 from fpn_tf.layers.normalization import PixelNormalization
 from fpn_tf.models.fpn_backbone import build_pyramid
+from fpn_tf.models.keras_training import KerasTraining
 
 
 @contextlib.contextmanager
@@ -120,12 +121,14 @@ def pyramid_channels(specs: dict[str, tuple[int, int]]) -> int:
     return in_channels
 
 
-class Detector(keras.Model):
+class Detector(KerasTraining, keras.Model):
     """Base class of the detectors: a functional model built from forward + postprocess.
 
     Subclasses set ``loss_keys`` and implement ``build_layers``, ``forward``,
     ``loss_terms`` and ``postprocess`` (module docstring). ``build_layers`` assigns each
     layer to its own attribute (TF checkpoints do not see layers in lists or dicts).
+    ``compile`` / ``fit`` / ``evaluate`` / ``predict`` come from ``KerasTraining``
+    (fpn_tf/models/keras_training.py).
     """
 
     loss_keys: tuple[str, ...] = ("total_loss",)
@@ -146,6 +149,7 @@ class Detector(keras.Model):
         image_info = keras.Input(shape=(6,), name="image_info", dtype="float32")
         outputs = self.postprocess(self.forward(images, image_info), image_info)
         super().__init__(inputs={"images": images, "image_info": image_info}, outputs=outputs, **kwargs)
+        self.init_keras_training()
 
     # -- what a detector implements -------------------------------------------------
     def build_layers(self, config: ModelConfig) -> None:
