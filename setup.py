@@ -19,6 +19,10 @@ TF_CPU = [
     f"tensorflow=={TF_VERSION}; platform_machine!='x86_64' and platform_machine!='AMD64'",
 ]
 TF_CUDA = [f"tensorflow[and-cuda]=={TF_VERSION}"]
+# Exports that run outside TensorFlow (fpn_tf/export/portable.py), pinned to versions
+# measured with TF 2.21: tf2onnx converts, onnx checks, onnxruntime runs the file.
+ONNX = ["tf2onnx==1.17.0", "onnx==1.23.2", "onnxruntime==1.32.0"]
+OPENVINO = ONNX + ["openvino==2026.4.0"]
 
 setup(
     name="fpn_tf",
@@ -46,6 +50,8 @@ setup(
         "and-cuda": TF_CUDA,
         "gpu": TF_CUDA,  # the same as and-cuda (TensorFlow's own extra name)
         "test": ["pytest", "ruff"],
+        "onnx": ONNX,
+        "openvino": OPENVINO,
         "torch": ["torch==2.14.1", "torchvision==0.29.1"],
         # tensorflow-serving-api depends on `tensorflow`: beside tensorflow-cpu install it
         # with --no-deps (see README); beside tensorflow[and-cuda] plainly.

@@ -9,7 +9,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
 FPN_TF_EXTRA=${FPN_TF_EXTRA:-cpu}
-.venv/bin/pip install -q -e ".[${FPN_TF_EXTRA},test]"
+# openvino (which includes the onnx extra): the portable-export tests run the real runtimes.
+.venv/bin/pip install -q -e ".[${FPN_TF_EXTRA},test,openvino]"
 # gRPC request building (scripts/serving_client.py): --no-deps, or it pulls the full
 # `tensorflow` beside tensorflow-cpu. Its own needs (grpcio, protobuf) come with TF.
 .venv/bin/pip install -q --no-deps tensorflow-serving-api==2.21.0

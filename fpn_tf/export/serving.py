@@ -294,6 +294,10 @@ class DetectionModule(tf.Module):
         Args: images float32 ``[B, H, W, 3]`` and image_info ``[B, 6]`` (docs/design.md).
         Returns: the dict of OUTPUT_KEYS (module docstring).
         """
+        return self.detection_outputs(images, image_info)
+
+    def detection_outputs(self, images, image_info) -> dict:
+        """``detect``'s body as plain ops (no tf.function), for graphs built around it."""
         outputs = self._model({"images": images, "image_info": image_info}, training=False)
         orig_hw = tf.tile(image_info[:, 0:2], [1, 2])[:, None, :]
         if "proposal_masks" in outputs:  # segment proposals: class-agnostic, passed through

@@ -19,12 +19,31 @@ as plain Python they are just ops of the outer cluster, compiled once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from collections.abc import Callable
 
 import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops
 from tensorflow.python.ops import control_flow_util
+
+_INLINE = threading.local()
+
+
+@contextlib.contextmanager
+def inline_compiled_parts():
+    """While active, ``jit_unless_inside_xla`` functions trace as plain ops (no nested call).
+
+    For graphs handed to converters (ONNX, LiteRT, OpenVINO): a nested compiled
+    function stays a ``PartitionedCall`` node that they cannot convert.
+    """
+    previous = getattr(_INLINE, "active", False)
+    _INLINE.active = True
+    try:
+        yield
+    finally:
+        _INLINE.active = previous
 
 
 def in_xla_context() -> bool:
@@ -44,7 +63,7 @@ def jit_unless_inside_xla(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        if in_xla_context():
+        if in_xla_context() or getattr(_INLINE, "active", False):
             return fn(*args, **kwargs)
         return compiled(*args, **kwargs)
 
