@@ -106,7 +106,7 @@ def test_every_detector_type_fits_evaluates_and_predicts(name):
     model = build_model(_every_type_config(name))
     examples = add_masks(draw_shape_images(8, size=SIZE, seed=3))
     model.compile(optimizer=keras.optimizers.Adam(2e-3, global_clipnorm=10.0))
-    history = model.fit(_batches(examples, 4).repeat(), epochs=3, steps_per_epoch=4, verbose=0).history
+    history = model.fit(_batches(examples, 4).repeat(), epochs=2, steps_per_epoch=2, verbose=0).history
     names = {"loss" if k == "total_loss" else k for k in model.loss_keys}
     assert set(history) == names, history
     assert all(np.isfinite(v).all() for v in history.values())
@@ -116,12 +116,16 @@ def test_every_detector_type_fits_evaluates_and_predicts(name):
 
     raw = examples["images"][:3].astype(np.uint8)
     predicted = model.predict(raw, batch_size=3, verbose=0)
-    direct = model(
-        {"images": tf.constant(raw, tf.float32), "image_info": tf.constant(examples["image_info"][:3])}
-    )
-    assert set(predicted) == set(direct)
+    # The same graph on the pipeline's preprocessed batch (an eager call may order near-tied
+    # scores of a barely trained model differently).
+    # The batch layout of docs/design.md: padded to the stride multiple (RetinaNet's P7: 128).
+    pad = -(-SIZE // model.config.input.size_divisibility) * model.config.input.size_divisibility - SIZE
+    images = np.pad(raw.astype(np.float32), [(0, 0), (0, pad), (0, pad), (0, 0)])
+    prepared = {"images": images, "image_info": examples["image_info"][:3]}
+    direct = model.predict(prepared, batch_size=3, verbose=0)
+    assert set(predicted) == set(direct) == set(model.output)
     for key, value in direct.items():
-        np.testing.assert_allclose(predicted[key], value.numpy(), rtol=1e-4, atol=1e-3, err_msg=key)
+        np.testing.assert_allclose(predicted[key], value, rtol=1e-4, atol=1e-3, err_msg=key)
 
 
 @pytest.mark.slow
@@ -164,28 +168,9 @@ def test_predict_on_raw_images_of_any_size_finds_the_objects(trained_tiny):
 
 
 @pytest.mark.slow
-def test_save_load_model_then_fit_goes_on(tmp_path):
-    """A compiled, fitted detector saved as .keras loads (safe_mode) with its optimizer; same predictions."""
-    keras.utils.set_random_seed(0)
-    model = fpn_tf.build_faster_rcnn(config=tiny_model_config(image_size=SIZE))
-    model.compile(optimizer=keras.optimizers.Adam(1e-3))
-    examples = draw_shape_images(8, size=SIZE, seed=1)
-    model.fit(_batches(examples, 4), epochs=1, verbose=0)
-    path = str(tmp_path / "detector.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path)  # safe_mode=True: no code is deserialised
-    assert type(loaded) is type(model) and loaded.config == model.config
-    assert int(loaded.optimizer.iterations.numpy()) == 2
-    raw = examples["images"][:2].astype(np.uint8)
-    for key, value in model.predict(raw, verbose=0).items():
-        np.testing.assert_allclose(loaded.predict(raw, verbose=0)[key], value, atol=1e-5, err_msg=key)
-    loaded.fit(_batches(examples, 4), epochs=1, verbose=0)
-    assert int(loaded.optimizer.iterations.numpy()) == 4
-
-
-@pytest.mark.slow
-def test_fit_on_the_real_pipeline_with_coco_evaluation_in_the_logs(tmp_path):
-    """build_dataset (synthetic COCO-JSON, real tf.data) -> fit with CocoEvaluation: val_AP per epoch."""
+def test_real_pipeline_fit_with_coco_evaluation_then_save_load_and_fit_on(tmp_path):
+    """build_dataset (synthetic COCO-JSON, real tf.data) -> fit + CocoEvaluation (val_AP per epoch)
+    -> .keras -> load_model (safe_mode) with its optimizer: same predictions, fit goes on."""
     data = DataConfig(
         source="synthetic",
         train_dir=str(tmp_path / "train"),
@@ -207,3 +192,14 @@ def test_fit_on_the_real_pipeline_with_coco_evaluation_in_the_logs(tmp_path):
     assert callback.history[0][1]["num_images"] == 4
     with pytest.raises(ValueError, match="every_epochs"):
         fpn_tf.CocoEvaluation(data, every_epochs=0)
+
+    path = str(tmp_path / "detector.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)  # safe_mode=True: no code is deserialised
+    assert type(loaded) is type(model) and loaded.config == model.config
+    assert int(loaded.optimizer.iterations.numpy()) == 6
+    raw = draw_shape_images(2, size=SIZE, seed=1)["images"].astype(np.uint8)
+    for key, value in model.predict(raw, verbose=0).items():
+        np.testing.assert_allclose(loaded.predict(raw, verbose=0)[key], value, atol=1e-5, err_msg=key)
+    loaded.fit(train, epochs=1, steps_per_epoch=2, verbose=0)
+    assert int(loaded.optimizer.iterations.numpy()) == 8

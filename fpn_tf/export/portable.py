@@ -196,6 +196,17 @@ def _write_onnx(function, spec: tf.TensorSpec, path: str) -> None:
     os.replace(tmp, path)
 
 
+def onnx_to_openvino(onnx_path: str, path: str) -> str:
+    """An ONNX export -> OpenVINO IR at ``path`` (.xml + .bin; never overwritten); returns ``path``."""
+    if not path.endswith(".xml"):
+        raise ValueError(f"an openvino export is written to a .xml file, got {path!r}")
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists; choose a new path (exports never overwrite)")
+    _require("openvino")
+    _write_openvino(onnx_path, path)
+    return path
+
+
 def _write_openvino(onnx_path: str, path: str) -> None:
     """OpenVINO's ONNX front end -> IR; each output keeps exactly its ONNX (SavedModel) name."""
     import onnx
