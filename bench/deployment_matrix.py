@@ -119,7 +119,7 @@ def implementations(name: str, folder: str, hw, bf16: bool) -> dict:
     import keras
     import tensorflow as tf
 
-    from fpn_tf.export import portable
+    from fpn_tf.export import portable, portable_runtime
     from fpn_tf.export.serving import DetectionModule
     from fpn_tf.models.build import build_model
 
@@ -147,33 +147,14 @@ def implementations(name: str, folder: str, hw, bf16: bool) -> dict:
         }
 
     impls = {f"tf {p}": ("TF SavedModel graph", p, tf_call(m)) for p, m in modules.items()}
-    impls["onnxruntime float32"] = ("ONNX", "float32", _onnx_session(onnx_path))
+    impls["onnxruntime float32"] = ("ONNX", "float32", portable_runtime.onnx_runner(onnx_path))
     for precision in ("f32", "bf16") if bf16 else ("f32",):
-        impls[f"openvino {precision}"] = ("OpenVINO", precision, _openvino_model(xml_path, precision))
+        impls[f"openvino {precision}"] = (
+            "OpenVINO",
+            precision,
+            portable_runtime.openvino_runner(xml_path, precision),
+        )
     return impls
-
-
-def _onnx_session(path: str):
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return lambda images: dict(zip(names, session.run(names, {"images": images})))
-
-
-def _openvino_model(path: str, precision: str):
-    import openvino as ov
-
-    core = ov.Core()
-    model = core.read_model(path)
-    names = [o.get_any_name() for o in model.outputs]
-    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision})
-
-    def run(images):
-        result = compiled(images)
-        return {n: result[o] for n, o in zip(names, compiled.outputs)}
-
-    return run
 
 
 def main(argv):

@@ -226,6 +226,10 @@ class DataConfig:
     # with its path, counted by image_reading.skipped_images()); "error" stops naming it.
     # Evaluation images are always fatal: skipping one would silently change the AP.
     bad_image_policy: str = "skip"  # skip | error
+    # COCO-JSON duplicate image / annotation ids, or annotations whose image_id is not an
+    # image (pycocotools would silently keep one entry / ignore them): "error" stops naming
+    # them, "warn" logs them and trains on what pycocotools keeps.
+    structure_policy: str = "error"  # error | warn
 
 
 @dataclass

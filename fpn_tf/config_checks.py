@@ -215,6 +215,7 @@ RULES: dict[str, dict[str, Any]] = {
         "synthetic_seed": NON_NEGATIVE,
         "shuffle_buffer": NON_NEGATIVE,
         "bad_image_policy": Choice(T.BAD_IMAGE_POLICIES),
+        "structure_policy": Choice(T.STRUCTURE_POLICIES),
     },
     "TrainConfig": {
         "batch_size": AT_LEAST_1,

@@ -34,6 +34,8 @@ LOSS_NORMALIZATIONS = ("batch", "image")
 COMPUTE_DTYPES = ("float32", "mixed_bfloat16")
 DATA_SOURCES = ("synthetic", "coco_json", "tfds")
 BAD_IMAGE_POLICIES = ("skip", "error")
+# COCO-JSON duplicate image / annotation ids and annotations of unknown images.
+STRUCTURE_POLICIES = ("error", "warn")
 
 # What an evaluator scores from a detector's outputs (Detector.scored_outputs):
 #   boxes     detection_boxes / _scores / _classes / num_detections -> box AP

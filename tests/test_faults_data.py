@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -101,6 +102,43 @@ def test_fault_non_numeric_box_names_the_annotation(tmp_path):
     image_dir, ann = write_dataset(tmp_path, annotations=anns)
     with pytest.raises(ValueError, match=r"annotation 5 of image 3: bbox must hold 4 numbers"):
         load_coco_json(ann, image_dir)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("duplicate_image", r"duplicate image ids 2 \(pycocotools would keep only the last entry"),
+        ("duplicate_annotation", r"duplicate annotation ids 11"),
+        ("unknown_image", r"annotations 99 have an image_id that is not among the images"),
+    ],
+)
+def test_fault_duplicate_ids_and_annotations_of_unknown_images_stop_training(
+    tmp_path, change, message, caplog
+):
+    """Duplicate image / annotation ids, an annotation of no image -> the training data path stops naming
+    them (pycocotools alone keeps one entry or ignores it); data.structure_policy=warn logs and goes on."""
+    anns = [{"id": 10 + k, "image_id": k, "category_id": 1, "bbox": [2, 2, 10, 8]} for k in range(1, 5)]
+    if change == "duplicate_annotation":
+        anns[1]["id"] = 11
+    if change == "unknown_image":
+        anns.append({"id": 99, "image_id": 42, "category_id": 1, "bbox": [2, 2, 10, 8]})
+    image_dir, ann = write_dataset(tmp_path, annotations=anns)
+    if change == "duplicate_image":
+        data = json.loads(open(ann).read())
+        data["images"][2]["id"] = 2
+        open(ann, "w").write(json.dumps(data))
+    before = tree_hashes(tmp_path)
+    data_cfg = DataConfig(source="coco_json", train_dir=image_dir, train_annotations=ann)
+    cfg = InputConfig(min_size=24, max_size=32, size_divisibility=8, max_gt_boxes=2)
+    with pytest.raises(ValueError, match=message) as e:
+        build_dataset(data_cfg, cfg, "train", 1, training=True)
+    assert ann in str(e.value) and "data.structure_policy=warn" in str(e.value)
+    assert tree_hashes(tmp_path) == before
+    import dataclasses
+
+    with caplog.at_level(logging.WARNING):
+        build_dataset(dataclasses.replace(data_cfg, structure_policy="warn"), cfg, "train", 1, training=True)
+    assert any(re.search(message, m) for m in caplog.messages), caplog.messages
 
 
 # ------------------------------------------------------------------ undecodable images

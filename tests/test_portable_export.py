@@ -193,7 +193,7 @@ def test_segment_proposals_equal_the_saved_model(exported, fmt):
 def test_files_are_checked_and_never_overwritten(exported, trained_tiny):
     import onnx
 
-    _, _, folder = exported
+    _, results, folder = exported
     model = onnx.load(str(folder / "faster_rcnn.onnx"))
     onnx.checker.check_model(model)
     assert [i.name for i in model.graph.input] == ["images"]
@@ -203,6 +203,16 @@ def test_files_are_checked_and_never_overwritten(exported, trained_tiny):
     assert os.path.isfile(folder / "faster_rcnn.bin"), "OpenVINO IR weights beside the .xml"
 
     detector = build_model(trained_tiny["config"])
+    tf.train.Checkpoint(model=detector).read(trained_tiny["checkpoint"]).assert_existing_objects_matched()
+    # keras.Model.export(format="onnx") is the same export.
+    path = detector.export(
+        str(folder / "keras.onnx"), format="onnx", input_size=INPUT_HW, label_map=LABEL_MAP
+    )
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    boxes = session.run(["detection_boxes"], {"images": np.load(folder / "images.npy")})[0]
+    np.testing.assert_allclose(boxes, results[("faster_rcnn", "onnx")]["detection_boxes"], atol=1e-4)
     before = os.path.getmtime(folder / "faster_rcnn.onnx")
     with pytest.raises(FileExistsError, match="never overwrite"):
         portable.export_portable(detector, str(folder / "faster_rcnn.onnx"), "onnx")

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,7 @@ from pycocotools.coco import COCO
 
 from fpn_tf.data.label_map import LabelMap
 from fpn_tf.data.masks import check_segmentation
+from fpn_tf.detector_types import STRUCTURE_POLICIES
 
 _LOG = logging.getLogger(__name__)
 
@@ -89,12 +91,58 @@ def read_annotation_json(annotation_path: str) -> dict:
     return data
 
 
-def load_coco(annotation_path: str) -> COCO:
+def id_problems(data: dict) -> list[str]:
+    """What pycocotools' index would silently lose: duplicate image / annotation ids and
+    annotations whose ``image_id`` is not among the images (one line per kind, with ids)."""
+
+    def duplicates(entries) -> list:
+        counts = Counter(e.get("id") for e in entries if isinstance(e, dict))
+        return sorted((i for i, n in counts.items() if n > 1), key=str)
+
+    def listed(ids) -> str:
+        return ", ".join(map(str, ids[:10])) + (f", ... ({len(ids)} in all)" if len(ids) > 10 else "")
+
+    images = [e for e in data.get("images", []) if isinstance(e, dict)]
+    annotations = [a for a in data.get("annotations", []) if isinstance(a, dict)]
+    problems = []
+    if dup := duplicates(images):
+        problems.append(
+            f"duplicate image ids {listed(dup)} (pycocotools would keep only the last entry of each)"
+        )
+    if dup := duplicates(annotations):
+        problems.append(f"duplicate annotation ids {listed(dup)}")
+    image_ids = {e.get("id") for e in images}
+    dangling = [a.get("id") for a in annotations if a.get("image_id") not in image_ids]
+    if dangling:
+        problems.append(
+            f"annotations {listed(dangling)} have an image_id that is not among the images "
+            "(they would be ignored)"
+        )
+    return problems
+
+
+def load_coco(annotation_path: str, structure_policy: str = "error") -> COCO:
     """Loads a COCO instances JSON with pycocotools, without its prints.
 
     The file is read and checked by ``read_annotation_json`` (errors name the path).
+    ``id_problems`` (duplicate ids, annotations of unknown images) raise with
+    ``structure_policy="error"`` (``data.structure_policy``) and are logged with "warn".
     """
+    if structure_policy not in STRUCTURE_POLICIES:
+        raise ValueError(
+            f"data.structure_policy must be one of {', '.join(STRUCTURE_POLICIES)}, got {structure_policy!r}"
+        )
     data = read_annotation_json(annotation_path)
+    problems = id_problems(data)
+    if problems and structure_policy == "error":
+        raise ValueError(
+            f"{annotation_path}: "
+            + "; ".join(problems)
+            + ". Fix the file (scripts/check_dataset.py lists every "
+            "problem) or set data.structure_policy=warn to train on what pycocotools keeps."
+        )
+    for problem in problems:
+        _LOG.warning("%s: %s (data.structure_policy=warn)", annotation_path, problem)
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO()
         coco.dataset = data

@@ -271,7 +271,7 @@ def _coco_json_records_source(data: DataConfig, input_config: InputConfig, split
     (the synthetic source is a COCO-JSON folder too), sharded over input pipelines."""
     with_masks = input_config.mask_size > 0
     image_dir, annotation_path = _coco_json_source(data, split)
-    coco = load_coco(annotation_path)
+    coco = load_coco(annotation_path, data.structure_policy)
     records, label_map, _stats = records_from_coco(coco, image_dir, with_masks=with_masks)
     if not records:
         raise ValueError(f"{annotation_path} lists no images")

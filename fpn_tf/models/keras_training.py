@@ -9,6 +9,7 @@
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9, global_clipnorm=10.0))
     model.fit(train, epochs=2, steps_per_epoch=100, callbacks=[fpn_tf.CocoEvaluation(config)])
     detections = model.predict(uint8_images)           # raw RGB [B, h, w, 3], any size
+    model.export("detector.onnx", format="onnx", input_size=(800, 1333))   # or "openvino" (.xml)
 
 Data: ``fit`` / ``evaluate`` take the batch dicts of ``fpn_tf.data.pipeline.build_dataset``
 (docs/design.md "The batch"); a dataset yielding ``(batch, ignored)`` pairs works too.
@@ -128,4 +129,28 @@ class KerasTraining:
             lambda image: preprocess_for_inference(image, cfg),
             images,
             fn_output_signature=(tf.TensorSpec([None, None, 3], tf.float32), tf.TensorSpec([6], tf.float32)),
+        )
+
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
+        """Keras' ``export``, with fpn_tf's ONNX / OpenVINO exports for ``format="onnx" | "openvino"``.
+
+        Those take ``input_size=(H, W)``, ``batch_size=1`` and ``label_map=None``
+        (fpn_tf/export/portable.py: uint8 images of that size in, the SavedModel's
+        outputs out). ``"litert"`` is refused with the reason; other formats are
+        Keras' own (its ``tf_saved_model`` holds the raw ``call``; the serving
+        SavedModel with encoded-image signatures is ``fpn_tf.export.saved_model``).
+        """
+        if format in ("onnx", "openvino", "litert"):
+            from fpn_tf.export import portable  # tf2onnx / openvino: only when asked for
+
+            return portable.export_portable(
+                self,
+                str(filepath),
+                format,
+                label_map=kwargs.pop("label_map", None),
+                input_hw=kwargs.pop("input_size", None),
+                batch_size=kwargs.pop("batch_size", 1),
+            )
+        return super().export(
+            filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs
         )
