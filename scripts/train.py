@@ -74,6 +74,7 @@ def main(argv):
 
     from fpn_tf.checkpoints import DamagedCheckpointError
     from fpn_tf.config import ConfigError, load_config
+    from fpn_tf.run_directory import DirectoryLockedError
     from fpn_tf.training.experiment import train
 
     try:
@@ -105,7 +106,7 @@ def main(argv):
             init_checkpoint=FLAGS.init_checkpoint,
             allow_config_change=FLAGS.allow_config_change,
         )
-    except ConfigError as e:
+    except (ConfigError, DirectoryLockedError) as e:
         logging.error("%s", e)
         return 2
     except (FloatingPointError, DamagedCheckpointError) as e:

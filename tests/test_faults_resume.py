@@ -45,6 +45,8 @@ def test_fault_sigkill_mid_run_then_restart(tmp_path):
                 assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
                 assert time.monotonic() < deadline, "no checkpoint at step >= 6 in time"
                 time.sleep(0.2)
+            with open(os.path.join(model_dir, "train.lock")) as f:
+                assert json.load(f)["pid"] == proc.pid, "the running trainer holds the directory's lock"
         finally:
             _kill([proc])
     assert proc.returncode == -signal.SIGKILL
@@ -60,6 +62,8 @@ def test_fault_sigkill_mid_run_then_restart(tmp_path):
     output = restart.stdout + restart.stderr
     assert restart.returncode == 0, output[-3000:]
     assert f"resumed from {model_dir}/ckpt-{step} at step {step}" in output
+    assert f"replacing a stale lock of pid {proc.pid}" in output, "the killed run's lock, loudly"
+    assert not os.path.exists(os.path.join(model_dir, "train.lock")), "released at the end"
     assert "input position restored from" in output and f"input-{step}" in output
 
     train(config, str(tmp_path / "straight"), train_steps=length, xla=False)  # what train.py runs
@@ -143,6 +147,32 @@ def run_cluster(tmp_path, name: str, model_dir: str, train_steps: int, sigterm_w
         assert p.returncode == 0 and lines, f"{name} worker {index}:\n{text[-3000:]}"
         results.append((json.loads(lines[-1]), np.load(outs[index])))
     return results
+
+
+def test_fault_second_run_on_a_training_directory_is_refused(tmp_path):
+    """A second run on a model_dir that a live process (or one on another host) trains into ->
+    DirectoryLockedError naming its pid and host, before anything in the directory is read or written"""
+    from tiny import tree_hashes
+
+    from fpn_tf.run_directory import DirectoryLockedError
+    from fpn_tf.training.experiment import train
+
+    config, _ = _tiny_config(tmp_path, train_steps=2)
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import socket
+
+        for pid, host in ((holder.pid, socket.gethostname()), (1234, "other-machine")):
+            (model_dir / "train.lock").write_text(json.dumps({"pid": pid, "host": host, "started": "then"}))
+            before = tree_hashes(model_dir)
+            with pytest.raises(DirectoryLockedError, match=f"by pid {pid} on {host}"):
+                train(config, str(model_dir), xla=False)
+            assert tree_hashes(model_dir) == before
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.mark.slow

@@ -169,34 +169,37 @@ def train(
     if xla is None:
         xla = auto_xla(strategy)
     keras.utils.set_random_seed(train_cfg.seed)
-    changed = check_rerun_config(config, model_dir, allow_config_change)
-    logging.info(
-        "training %d steps, global batch %d on %d replica(s) (%s), xla=%s, %s",
-        *(train_cfg.train_steps, train_cfg.batch_size, strategy.num_replicas_in_sync),
-        *(type(strategy).__name__, xla, mixed_precision),
-    )
-    try:
-        trainer = Trainer(
-            model_fn or default_model_fn(config),
-            train_cfg,
-            model_dir,
-            strategy=strategy,
-            xla=xla,
-            mixed_precision=mixed_precision,
-            init_checkpoint=init_checkpoint,
+    # The chief holds model_dir/train.lock while it trains: a second run on the same
+    # directory is refused before it reads or writes anything there.
+    with run_directory.training_lock(model_dir, enabled=distribute.is_chief(strategy)):
+        changed = check_rerun_config(config, model_dir, allow_config_change)
+        logging.info(
+            "training %d steps, global batch %d on %d replica(s) (%s), xla=%s, %s",
+            *(train_cfg.train_steps, train_cfg.batch_size, strategy.num_replicas_in_sync),
+            *(type(strategy).__name__, xla, mixed_precision),
         )
-    except ValueError as e:
-        if not changed:
-            raise
-        raise ConfigError(
-            f"{model_dir} holds a run whose variables do not fit the changed config ({', '.join(changed)}); "
-            f"nothing was changed in {model_dir}. Train into a new model_dir. {e}"
-        ) from None
-    # Only now, with the checkpoint known to fit, the directory's record is (re)written.
-    if trainer.is_chief:
-        run_directory.write_config(config, model_dir)
-    hooks = trainer.default_hooks()
-    eval_hook = evaluation_hook(config, model_dir)
-    if eval_hook is not None:
-        hooks.append(eval_hook)
-    return trainer.fit(dataset_fn or train_dataset_fn(config, model_dir, trainer.is_chief), hooks)
+        try:
+            trainer = Trainer(
+                model_fn or default_model_fn(config),
+                train_cfg,
+                model_dir,
+                strategy=strategy,
+                xla=xla,
+                mixed_precision=mixed_precision,
+                init_checkpoint=init_checkpoint,
+            )
+        except ValueError as e:
+            if not changed:
+                raise
+            raise ConfigError(
+                f"{model_dir} holds a run whose variables do not fit the changed config "
+                f"({', '.join(changed)}); nothing was changed in {model_dir}. Train into a new model_dir. {e}"
+            ) from None
+        # Only now, with the checkpoint known to fit, the directory's record is (re)written.
+        if trainer.is_chief:
+            run_directory.write_config(config, model_dir)
+        hooks = trainer.default_hooks()
+        eval_hook = evaluation_hook(config, model_dir)
+        if eval_hook is not None:
+            hooks.append(eval_hook)
+        return trainer.fit(dataset_fn or train_dataset_fn(config, model_dir, trainer.is_chief), hooks)
