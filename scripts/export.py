@@ -94,6 +94,7 @@ def main(argv):
             config.model.num_classes - 1,
         )
     built = time.perf_counter()
+    print(f"exporting {compute_dtype}: {reason}", flush=True)  # before the minutes of export
     if FLAGS.format != "saved_model":
         return export_portable(model, label_map)
     path = saved_model.export_saved_model(

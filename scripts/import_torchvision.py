@@ -46,7 +46,16 @@ flags.DEFINE_multi_string(
 flags.DEFINE_string(
     "label_map", None, "Label map JSON for a model that is not torchvision's 91-class COCO one."
 )
-flags.DEFINE_bool("export", False, "Also export a SavedModel for TF Serving.")
+flags.DEFINE_float(
+    "bn_epsilon",
+    None,
+    "Frozen batch-norm eps the torchvision model ran with (a state dict does not record it): 0.0 for "
+    "torchvision's COCO weights (the default, overwrite_eps), 1e-5 for a model built with "
+    "weights_backbone=... or reloaded into *_fpn(weights=None).",
+)
+flags.DEFINE_bool(
+    "export", False, "Also export a float32 SavedModel for TF Serving (parity with torchvision)."
+)
 flags.DEFINE_string("export_dir", "saved_models", "With --export: writes <export_dir>/<name>/<version>/.")
 flags.DEFINE_string("name", "fpn_torchvision", "With --export: the model name (TF Serving's MODEL_NAME).")
 flags.DEFINE_integer("version", None, "With --export: version number; default one more than the highest.")
@@ -88,12 +97,26 @@ def main(argv):
             load = retinanet_weights.load_torchvision_retinanet_state_dict
         else:
             infer, load = infer_torchvision_config, load_torchvision_state_dict
-        config = with_overrides(ExperimentConfig(model=infer(state)), FLAGS.override)
+        overrides = list(FLAGS.override)
+        if FLAGS.bn_epsilon is not None:
+            overrides.append(f"model.backbone.bn_epsilon={FLAGS.bn_epsilon!r}")
+        config = with_overrides(ExperimentConfig(model=infer(state)), overrides)
         model = build_model(config.model)
         result = load(model, state)
     except (WeightImportError, ConfigError, FileNotFoundError, ValueError) as e:
         logging.error("%s", e)
         return 2
+    eps = config.model.backbone.bn_epsilon
+    if FLAGS.bn_epsilon is None and not any(
+        o.startswith("model.backbone.bn_epsilon=") for o in FLAGS.override
+    ):
+        # Assumed, not read: say so where the user sees it (a wrong eps moves boxes by up to hundreds of px).
+        logging.warning(
+            "batch-norm eps is not in a state dict: assuming %g, as torchvision's COCO weights run "
+            "(overwrite_eps). If your torchvision model's frozen batch norms use eps 1e-5 (built with "
+            "weights_backbone=... or loaded into *_fpn(weights=None)), pass --bn_epsilon 1e-5.",
+            eps,
+        )
     label_map = None
     if FLAGS.label_map:
         try:
@@ -125,17 +148,34 @@ def main(argv):
     backbone = config.model.backbone
     print(
         f"imported {len(result.loaded)} tensors from {FLAGS.weights} ({config.model.type}, {backbone.name} "
-        f"x{backbone.width_multiplier:g}, {config.model.num_classes} classes) -> {checkpoint} "
-        f"in {time.perf_counter() - start:.1f} s"
+        f"x{backbone.width_multiplier:g}, {config.model.num_classes} classes, batch-norm eps {eps:g}, "
+        f"score threshold {served_threshold(model)}) -> {checkpoint} in {time.perf_counter() - start:.1f} s"
     )
     if FLAGS.export:
         from fpn_tf.export.saved_model import export_saved_model
 
-        path = export_saved_model(
-            model, FLAGS.export_dir, FLAGS.name, version=FLAGS.version, label_map=label_map
+        reason = (
+            "float32 for parity with torchvision (scripts/export.py --compute_dtype auto picks "
+            "bfloat16 on CPUs with AVX512-BF16 / AMX)"
         )
-        print(f"exported {path}")
+        print(f"exporting float32: {reason}")
+        path = export_saved_model(
+            model,
+            FLAGS.export_dir,
+            FLAGS.name,
+            version=FLAGS.version,
+            label_map=label_map,
+            precision_reason=reason,
+        )
+        print(f"exported {path} (float32)")
     return 0
+
+
+def served_threshold(model) -> str:
+    """The detection score threshold the imported model uses (torchvision's box_score_thresh: 0.05)."""
+    config = model.served_config()
+    section = config.retinanet if config.type == "retinanet" else config.roi_head
+    return f"{section.score_threshold:g}"
 
 
 if __name__ == "__main__":

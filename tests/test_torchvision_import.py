@@ -501,8 +501,14 @@ def test_import_script_writes_a_training_directory(tiny_pair, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (
         f"imported {len(torchvision_state_dict(source))} tensors" in done.stdout
-        and "resnet18 x0.25, 5 classes" in done.stdout
+        and "resnet18 x0.25, 5 classes, batch-norm eps 0, score threshold 0.3" in done.stdout
     )
+    # eps is assumed, not read from the file: said, with the flag that changes it.
+    assert (
+        "batch-norm eps is not in a state dict: assuming 0" in done.stderr
+        and "--bn_epsilon 1e-5" in done.stderr
+    )
+    assert "exporting float32: float32 for parity with torchvision" in done.stdout
 
     config = read_config(str(model_dir))
     assert (config.model.backbone.width_multiplier, config.model.fpn.num_channels) == (0.25, 32)
