@@ -200,6 +200,7 @@ RULES: dict[str, dict[str, Any]] = {
     },
     "NeckConfig": {
         "type": Choice(tuple(T.NECK_TYPES)),
+        "pafpn_style": Choice(T.PAFPN_STYLES),
     },
     "ModelConfig": {
         "type": Choice(tuple(T.DETECTOR_TYPES)),

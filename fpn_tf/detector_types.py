@@ -177,7 +177,10 @@ DETECTOR_TYPES: dict[str, DetectorType] = {
 # (symbolic Keras tensors; levels named "P<k>" with stride 2**k, finest first).
 NECK_TYPES: dict[str, str] = {
     "fpn": "fpn_tf.models.fpn_backbone:build_fpn_neck",  # Lin et al. 2017 (+ Table 1 variants)
+    "pafpn": "fpn_tf.models.pafpn:build_pafpn_neck",  # + PANet's bottom-up path (Liu et al. 2018)
 }
+# neck.pafpn_style: PANet's definition, or MMDetection's PAFPN (fpn_tf/models/pafpn.py).
+PAFPN_STYLES = ("paper", "mmdetection")
 
 
 def detector_type(name: str) -> DetectorType:

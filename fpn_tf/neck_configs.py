@@ -13,4 +13,7 @@ from dataclasses import dataclass
 
 @dataclass
 class NeckConfig:
-    type: str = "fpn"  # fpn (Lin et al. 2017, default) | pafpn | bifpn | nasfpn
+    type: str = "fpn"  # fpn (Lin et al. 2017, default) | pafpn (PANet's bottom-up path)
+    # pafpn: "paper" (PANet §3.1: ReLU after each conv, the stride-2 conv reads N_{k-1}) or
+    # "mmdetection" (its PAFPN: no activation, the stride-2 conv reads the running sum).
+    pafpn_style: str = "paper"

@@ -36,6 +36,7 @@ from fpn_tf.models.conv5_head import Conv5Head
 from fpn_tf.models.dense_detection_generator import DenseDetectionGenerator
 from fpn_tf.models.detection_generator import DetectionGenerator, ToOriginalPixels
 from fpn_tf.models.mask_head import ClassMasks, MaskHead, ToInputPixels
+from fpn_tf.models.pafpn import BottomUpPath
 from fpn_tf.models.retinanet_head import RetinaNetHead
 from fpn_tf.models.roi_pooler import RoIPooler
 from fpn_tf.models.rpn import ProposalGenerator, RPNHead
@@ -181,6 +182,11 @@ CASES = {
     ),
     "ResizeImages": lambda: (ResizeImages(0.75, 16), (_rand(1, 64, 48, 3, high=255.0), INFO), {}),
     "SegmentProposer": _segment_model_case,
+    "BottomUpPath": lambda: (
+        BottomUpPath(8, min_level=2, max_level=5, style="mmdetection"),
+        (_pyramid(levels=["P2", "P3", "P4", "P5"]),),
+        {},
+    ),
 }
 
 

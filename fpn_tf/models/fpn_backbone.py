@@ -102,6 +102,15 @@ def build_fpn_neck(features: dict, fpn: FPNConfig, neck: NeckConfig | None = Non
     if fpn.variant in ("c4", "c5"):
         name = fpn.variant.upper()
         return {name: features[name]}
+    outputs = fpn_levels(features, fpn)
+    if _uses_extra_levels(fpn):
+        outputs = add_extra_levels(outputs, features, fpn)
+    return outputs
+
+
+def fpn_levels(features: dict, fpn: FPNConfig) -> dict:
+    """The FPN layer ``"fpn"`` (``fpn.variant``'s connections) on ``{"C<k>": ..}`` -> P_min..P_max,
+    without the extra levels (necks built on the FPN add theirs after their own layers)."""
     pyramid = FeaturePyramid(
         num_channels=fpn.num_channels,
         min_level=fpn.min_level,
@@ -111,10 +120,7 @@ def build_fpn_neck(features: dict, fpn: FPNConfig, neck: NeckConfig | None = Non
         output_levels=(fpn.min_level,) if fpn.variant == "p2_only" else None,
         name="fpn",
     )
-    outputs = dict(pyramid({k: features[k] for k in backbone_levels(fpn)}))
-    if _uses_extra_levels(fpn):
-        outputs = add_extra_levels(outputs, features, fpn)
-    return outputs
+    return dict(pyramid({k: features[k] for k in backbone_levels(fpn)}))
 
 
 def build_fpn_backbone(
