@@ -64,9 +64,12 @@ def main() -> None:
     out = model.predict(image[None], verbose=0)  # raw uint8 [1, h, w, 3]
     n = int(out["num_detections"][0])
     print(f"{first}: {n} detections; first boxes (y1, x1, y2, x2, original pixels):")
-    for box, score, label in list(
-        zip(out["detection_boxes"][0], out["detection_scores"][0], out["detection_classes"][0])
-    )[:3]:
+    for i in range(min(n, 3)):
+        box, score, label = (
+            out["detection_boxes"][0, i],
+            out["detection_scores"][0, i],
+            out["detection_classes"][0, i],
+        )
         print(f"  {info.label_map.names[label - 1]:>8s} {score:.2f} {np.round(box, 1)}")
 
     path = os.path.join(args.out, "detector.keras")

@@ -14,5 +14,5 @@ FPN_TF_EXTRA=${FPN_TF_EXTRA:-cpu}
 # gRPC request building (scripts/serving_client.py): --no-deps, or it pulls the full
 # `tensorflow` beside tensorflow-cpu. Its own needs (grpcio, protobuf) come with TF.
 .venv/bin/pip install -q --no-deps tensorflow-serving-api==2.21.0
-.venv/bin/ruff check fpn_tf scripts tests bench
+.venv/bin/ruff check fpn_tf scripts tests bench examples
 exec .venv/bin/python -m pytest -q tests "$@"
