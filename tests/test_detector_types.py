@@ -105,6 +105,17 @@ def test_build_takes_sections_as_dicts_and_names_unknown_keys():
     assert (cfg.num_classes, cfg.backbone.name, cfg.backbone.width_multiplier) == (4, "resnet18", 0.25)
     assert cfg.fpn.num_channels == 16 and cfg.fpn.min_level == 2 and cfg.rpn.post_nms_topk_test == 50
     assert model.get_layer("pyramid").output["P2"].shape[-1] == 16
+    # backbone: a ResNet name, or the whole section like every other one.
+    section = fpn_tf.build_retinanet(
+        backbone={"name": "resnet18", "width_multiplier": 0.25, "norm": "bn"}
+    ).config
+    assert (section.backbone.name, section.backbone.width_multiplier, section.backbone.norm) == (
+        "resnet18",
+        0.25,
+        "bn",
+    )
+    with pytest.raises(ConfigError, match="unknown config key\\(s\\) backbone.depth"):
+        fpn_tf.build_faster_rcnn(backbone={"depth": 50})
     with pytest.raises(ConfigError, match="unknown config key\\(s\\) fpn.num_chanels; FPNConfig accepts"):
         fpn_tf.build_faster_rcnn(fpn={"num_chanels": 64})
     with pytest.raises(ConfigError, match="unknown config key\\(s\\) colour"):

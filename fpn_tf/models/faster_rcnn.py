@@ -198,7 +198,7 @@ class FasterRCNN(Detector):
 
 def build_faster_rcnn(
     num_classes: int | None = None,
-    backbone: str | None = None,
+    backbone: str | dict | None = None,
     config: ModelConfig | None = None,
     preset: str | None = None,
     **overrides,
@@ -207,7 +207,8 @@ def build_faster_rcnn(
 
     Args:
       num_classes: classes including background (default 91, torchvision's COCO ids).
-      backbone: "resnet50" (default), "resnet101", "resnet18", "resnet34".
+      backbone: "resnet50" (default), "resnet101", "resnet18", "resnet34", or the
+        whole section as a dict, e.g. {"name": "resnet18", "width_multiplier": 0.5}.
       config: a full ModelConfig; ``num_classes``/``backbone`` override it.
       preset: instead of ``config``, a named configuration of the type (its ``presets`` in
         ``fpn_tf.detector_types``), e.g. "torchvision_v1" (torchvision's

@@ -117,7 +117,7 @@ class MaskRCNN(FasterRCNN):
 
 def build_mask_rcnn(
     num_classes: int | None = None,
-    backbone: str | None = None,
+    backbone: str | dict | None = None,
     config: ModelConfig | None = None,
     preset: str | None = None,
     **overrides,

@@ -68,7 +68,7 @@ def torchvision_v1_config(num_classes: int = 91, backbone: str = "resnet50") -> 
 def resolve_model_config(
     model_type: str,
     num_classes: int | None,
-    backbone: str | None,
+    backbone: str | dict | None,
     config: ModelConfig | dict | None,
     preset: str | None,
     overrides: dict,
@@ -76,7 +76,8 @@ def resolve_model_config(
     """The ModelConfig a ``build_<detector>(...)`` call asks for (shared by the builders).
 
     ``config`` is a ModelConfig or a mapping as in YAML (``{"fpn": {"num_channels": 64}}``);
-    ``preset`` and ``config`` exclude each other. ``num_classes``, ``backbone`` and
+    ``preset`` and ``config`` exclude each other. ``backbone`` is a ResNet name or the
+    whole section (a dict of some of its keys, or a BackboneConfig). ``num_classes``, ``backbone`` and
     ``overrides`` (ModelConfig fields: a section as a dict of some of its keys, or as
     its dataclass; a scalar field as a value) apply on top. An unknown key is a
     ConfigError naming it.
@@ -94,8 +95,10 @@ def resolve_model_config(
     delta: dict = {}
     if num_classes is not None:
         delta["num_classes"] = int(num_classes)
-    if backbone is not None:
+    if isinstance(backbone, str):
         delta["backbone"] = {"name": backbone}
+    elif backbone is not None:  # the section itself, as for every other section
+        delta["backbone"] = to_dict(backbone) if dataclasses.is_dataclass(backbone) else dict(backbone)
     for key, value in overrides.items():
         delta[key] = to_dict(value) if dataclasses.is_dataclass(value) else value
     return from_dict(ModelConfig, merge_dicts(values, delta))

@@ -50,7 +50,7 @@ class ProposalNetwork(FasterRCNN):
 
 
 def build_proposal_network(
-    backbone: str | None = None,
+    backbone: str | dict | None = None,
     config: ModelConfig | dict | None = None,
     preset: str | None = None,
     **overrides,
@@ -58,7 +58,8 @@ def build_proposal_network(
     """Builds the FPN RPN (§5.1) with the paper's defaults (P2..P6, 3 ratios, one size per level).
 
     Args:
-      backbone: "resnet50" (default), "resnet101", "resnet18", "resnet34".
+      backbone: "resnet50" (default), "resnet101", "resnet18", "resnet34", or the
+        whole section as a dict, e.g. {"name": "resnet18", "width_multiplier": 0.5}.
       config: a ModelConfig of type "rpn" or a mapping of some of its keys.
       preset: instead of ``config``, "torchvision_v1" (torchvision's RPN graph).
       **overrides: ModelConfig fields, a section as a dict of some of its keys.

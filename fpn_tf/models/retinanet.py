@@ -207,7 +207,7 @@ class RetinaNet(Detector):
 
 def build_retinanet(
     num_classes: int | None = None,
-    backbone: str | None = None,
+    backbone: str | dict | None = None,
     config: ModelConfig | None = None,
     preset: str | None = None,
     **overrides,
@@ -216,7 +216,8 @@ def build_retinanet(
 
     Args:
       num_classes: classes including background (default 91, torchvision's COCO ids).
-      backbone: "resnet50" (default), "resnet101", "resnet18", "resnet34".
+      backbone: "resnet50" (default), "resnet101", "resnet18", "resnet34", or the
+        whole section as a dict, e.g. {"name": "resnet18", "width_multiplier": 0.5}.
       config: a full ModelConfig of type "retinanet" (build it with
         ``from_dict(ModelConfig, {"type": "retinanet", ...})`` or ``load_config``,
         which apply RetinaNet's defaults); ``num_classes``/``backbone`` override it.

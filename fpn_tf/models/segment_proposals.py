@@ -174,12 +174,13 @@ def paper_config() -> ModelConfig:
 
 
 def build_segment_proposer(
-    backbone: str | None = None, config: ModelConfig | None = None, **overrides
+    backbone: str | dict | None = None, config: ModelConfig | None = None, **overrides
 ) -> SegmentProposer:
     """Builds the FPN segment proposer with the paper's defaults (P2..P6, d = 128, dual MLP, 14×14).
 
     Args:
-      backbone: "resnet50" (default), "resnet101", "resnet18", "resnet34".
+      backbone: "resnet50" (default), "resnet101", "resnet18", "resnet34", or the
+        whole section as a dict, e.g. {"name": "resnet18", "width_multiplier": 0.5}.
       config: a full ModelConfig (``type: segment_proposals``); default: the paper's.
       **overrides: top-level ModelConfig fields, e.g. ``segment=SegmentProposalConfig(mlps=(5,))``.
     """
