@@ -266,7 +266,7 @@ def test_import_script_recognises_a_retinanet(tmp_path):
         env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "(retinanet, resnet18 x0.25, 5 classes)" in done.stdout
+    assert "(retinanet, resnet18 x0.25, 5 classes, batch-norm eps 0, score threshold 0.05)" in done.stdout
     config = read_config(str(model_dir))
     assert (config.model.type, config.model.retinanet.norm) == ("retinanet", "group_norm")
     restored = restore_model(config.model, str(model_dir))
