@@ -96,7 +96,8 @@ def id_problems(data: dict) -> list[str]:
     annotations whose ``image_id`` is not among the images (one line per kind, with ids)."""
 
     def duplicates(entries) -> list:
-        counts = Counter(e.get("id") for e in entries if isinstance(e, dict))
+        # Entries without an id are left to the index, whose error says each needs one.
+        counts = Counter(e["id"] for e in entries if e.get("id") is not None)
         return sorted((i for i, n in counts.items() if n > 1), key=str)
 
     def listed(ids) -> str:
@@ -112,7 +113,7 @@ def id_problems(data: dict) -> list[str]:
     if dup := duplicates(annotations):
         problems.append(f"duplicate annotation ids {listed(dup)}")
     image_ids = {e.get("id") for e in images}
-    dangling = [a.get("id") for a in annotations if a.get("image_id") not in image_ids]
+    dangling = [a.get("id") for a in annotations if "image_id" in a and a["image_id"] not in image_ids]
     if dangling:
         problems.append(
             f"annotations {listed(dangling)} have an image_id that is not among the images "
