@@ -129,8 +129,7 @@ def export_portable(model, label_map) -> int:
 
     from fpn_tf.export import portable
 
-    suffix = {"onnx": ".onnx", "openvino": ".xml"}[FLAGS.format]
-    path = FLAGS.output or os.path.join(FLAGS.export_dir, FLAGS.name + suffix)
+    path = FLAGS.output or os.path.join(FLAGS.export_dir, FLAGS.name + portable.FORMAT_SUFFIX[FLAGS.format])
     input_hw = parse_size(FLAGS.input_size) if FLAGS.input_size else portable.default_input_hw(model)
     start = time.perf_counter()
     try:

@@ -45,6 +45,7 @@ from fpn_tf.export.serving import DetectionModule
 from fpn_tf.ops.xla import inline_compiled_parts
 
 FORMATS = ("onnx", "openvino")
+FORMAT_SUFFIX = {"onnx": ".onnx", "openvino": ".xml"}  # the file each format is written to
 ONNX_OPSET = 17
 # What each format needs beyond fpn_tf's own dependencies (setup.py extras).
 FORMAT_PACKAGES = {"onnx": ("tf2onnx", "onnx"), "openvino": ("tf2onnx", "onnx", "openvino")}
@@ -121,6 +122,16 @@ def fixed_size_function(
     return tf.function(detect), spec
 
 
+def _check_target(path: str, fmt: str) -> None:
+    """``path`` ends in ``fmt``'s suffix and does not exist (never overwritten); its packages import."""
+    suffix = FORMAT_SUFFIX[fmt]
+    if not path.endswith(suffix):
+        raise ValueError(f"a {fmt} export is written to a {suffix} file, got {path!r}")
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists; choose a new path (exports never overwrite)")
+    _require(fmt)
+
+
 def _require(fmt: str) -> None:
     missing = []
     for package in FORMAT_PACKAGES[fmt]:
@@ -163,12 +174,7 @@ def export_portable(
                 "the ai-edge-litert interpreter does not carry; use --format onnx or openvino"
             )
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    suffix = {"onnx": ".onnx", "openvino": ".xml"}[fmt]
-    if not path.endswith(suffix):
-        raise ValueError(f"a {fmt} export is written to a {suffix} file, got {path!r}")
-    if os.path.exists(path):
-        raise FileExistsError(f"{path} exists; choose a new path (exports never overwrite)")
-    _require(fmt)
+    _check_target(path, fmt)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     function, spec = fixed_size_function(model, label_map, input_hw or default_input_hw(model), batch_size)
     if fmt == "onnx":
@@ -198,11 +204,7 @@ def _write_onnx(function, spec: tf.TensorSpec, path: str) -> None:
 
 def onnx_to_openvino(onnx_path: str, path: str) -> str:
     """An ONNX export -> OpenVINO IR at ``path`` (.xml + .bin; never overwritten); returns ``path``."""
-    if not path.endswith(".xml"):
-        raise ValueError(f"an openvino export is written to a .xml file, got {path!r}")
-    if os.path.exists(path):
-        raise FileExistsError(f"{path} exists; choose a new path (exports never overwrite)")
-    _require("openvino")
+    _check_target(path, "openvino")
     _write_openvino(onnx_path, path)
     return path
 
